@@ -1,0 +1,426 @@
+"""`cmad bench`, `cmad features` and `cmad demo`: accuracy, speed and memory in one run.
+
+All methods of a category share one preprocessing and one feature extraction per sample;
+each method's own fitting and scoring is timed separately, and its end-to-end inference time
+is the shared stages it needs plus its own.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from cmad.errors import ConfigError
+from cmad.features import FeatureMaps
+from cmad.model.calibrate import calibration_set
+from cmad.model.detector import Detector, DetectorConfig, _subset, select_shots
+from cmad.types import Prepared
+
+log = logging.getLogger(__name__)
+
+METRICS = ("I-AUROC", "P-AUROC", "AUPRO@30%", "AUPRO@10%", "AUPRO@5%", "AUPRO@1%")
+
+# name -> (config overrides, description)
+METHODS: dict[str, tuple[dict, str]] = {
+    "cmad": ({"branches": ("align", "rgb_bank", "xyz_bank")},
+             "full method: alignment + light banks, fusion weights from pasted defects"),
+    "align": ({"branches": ("align",)}, "cross-modal alignment branch alone"),
+    "rgb-bank": ({"branches": ("rgb_bank",)}, "light RGB memory bank alone"),
+    "xyz-bank": ({"branches": ("xyz_bank",)}, "light FPFH memory bank alone"),
+    "banks": ({"branches": ("rgb_bank", "xyz_bank")}, "both light banks, no alignment"),
+    "align+rgb": ({"branches": ("align", "rgb_bank")}, "alignment + RGB bank"),
+    "align+xyz": ({"branches": ("align", "xyz_bank")}, "alignment + FPFH bank"),
+    "btf": ({"branches": ("concat_bank",), "concat_fraction": 0.1},
+            "BTF baseline: RGB+FPFH concatenated, one bank, 10% coreset"),
+    "full-banks": ({"branches": ("rgb_bank", "xyz_bank"), "bank_fraction": 1.0,
+                    "bank_max_entries": None, "bank_min_entries": 0},
+                   "cmad's two banks at 100% (no coreset)"),
+}
+DEFAULT_METHODS = ("cmad", "align", "rgb-bank", "xyz-bank", "banks", "align+rgb", "align+xyz",
+                   "btf", "full-banks")
+SHOT_METHODS = ("cmad", "btf", "rgb-bank", "xyz-bank")
+PANEL_NAMES = {"align": "cross-modal", "rgb_bank": "rgb-bank", "xyz_bank": "3d-bank"}
+
+
+class PeakRSS:
+    """Peak resident memory (MB) of this process while the context is open (sampled)."""
+
+    def __init__(self, interval: float = 0.01) -> None:
+        self.interval = interval
+        self.peak = 0.0
+        self._stop = threading.Event()
+
+    @staticmethod
+    def current_mb() -> float:
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        return float(line.split()[1]) / 1024.0
+        except OSError:
+            pass
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.current_mb())
+            time.sleep(self.interval)
+
+    def __enter__(self) -> PeakRSS:
+        self.peak = self.current_mb()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.current_mb())
+
+
+def default_cache_dir() -> Path:
+    """$CMAD_CACHE_DIR, else ~/.cache/cmad (never inside the user's dataset)."""
+    return Path(os.environ.get("CMAD_CACHE_DIR", Path.home() / ".cache" / "cmad"))
+
+
+def machine_info(threads: int) -> dict:
+    return {
+        "python": sys.version.split()[0], "torch": torch.__version__,
+        "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(), "threads": threads,
+    }
+
+
+def method_config(name: str, seed: int, size: int, base: DetectorConfig | None = None) -> DetectorConfig:
+    if name not in METHODS:
+        raise ConfigError(f"unknown method {name!r}; choose from {sorted(METHODS)}")
+    d = (base or DetectorConfig()).to_dict()
+    d.update(METHODS[name][0])
+    d.update(seed=seed, size=size)
+    return DetectorConfig.from_dict(d)
+
+
+def _needs(cfg: DetectorConfig) -> set[str]:
+    need = set()
+    for b in cfg.branches:
+        if b in ("align", "rgb_bank", "concat_bank"):
+            need.add("rgb_features")
+        if b in ("align", "xyz_bank", "concat_bank"):
+            need.add("xyz_features")
+    return need
+
+
+@dataclass
+class CategoryData:
+    """Everything shared by the methods of one category."""
+
+    name: str
+    modalities: list[str]
+    train: list[Prepared]
+    train_fm: FeatureMaps
+    calib: list[Prepared]
+    calib_fm: FeatureMaps
+    test: list[Prepared]
+    test_fm: FeatureMaps
+    gts: list[np.ndarray]
+    shared_ms: dict[str, float]
+    shared_fit_s: float
+
+
+def _extract_timed(det: Detector, prepared: Sequence[Prepared], desc: str, progress: bool,
+                   per_sample: bool = False) -> tuple[FeatureMaps, dict[str, list[float]]]:
+    """Features of `prepared`; with per_sample, one at a time to time each stage."""
+    if not per_sample:
+        return det.features(prepared, progress, desc=desc), {}
+    parts, times = [], {"rgb_features": [], "xyz_features": []}
+    for p in tqdm(prepared, desc=desc, leave=False, disable=not progress):
+        fm = det.extractor.extract([p], prep_digest=None)
+        for k in times:
+            times[k].append(fm.timings_ms.get(k, 0.0))
+        parts.append(fm)
+    return FeatureMaps.cat(parts), times
+
+
+def load_category(data: Path, name: str, size: int, seed: int, cache_dir: Path | None,
+                  progress: bool, base: DetectorConfig | None = None) -> tuple[CategoryData, Detector]:
+    """Read, preprocess and extract one category once for all methods."""
+    from cmad.data.mvtec3d import Dataset
+
+    cat = Dataset(data).category(name)
+    cfg = method_config("cmad", seed, size, base)
+    det = Detector(cfg, cache_dir=cache_dir)
+    t0 = time.perf_counter()
+    train_s = cat.samples("train")
+    val_s = cat.samples("validation")
+    modalities = [m for m in ("rgb", "xyz") if getattr(train_s[0], m) is not None]
+    det.extractor_for(modalities)
+    train = det.prepare(train_s, progress)
+    val = det.prepare(val_s, progress)
+    train_fm = det.features(train, progress, desc=f"{name} train features")
+    calib = calibration_set(val, seed=seed, per_sample=cfg.calib_per_sample,
+                            has_rgb="rgb" in modalities, has_xyz="xyz" in modalities)
+    calib_fm = det.features(calib, progress, desc=f"{name} validation features", cache=False)
+    shared_fit_s = time.perf_counter() - t0
+    test_s = cat.samples("test")
+    prep_ms = []
+    test = []
+    for s in test_s:
+        t = time.perf_counter()
+        test.extend(det.prepare([s]))
+        prep_ms.append((time.perf_counter() - t) * 1000.0)
+    # warm-up (compilation, allocator), then time each test sample's features
+    det.extractor.extract(test[:1], prep_digest=None)
+    test_fm, times = _extract_timed(det, test, f"{name} test features", progress, per_sample=True)
+    shared_ms = {"preprocess": float(np.median(prep_ms))}
+    shared_ms.update({k: float(np.median(v)) for k, v in times.items()})
+    gts = [s.gt for s in test_s]
+    return CategoryData(name, modalities, train, train_fm, calib, calib_fm, test, test_fm, gts,
+                        shared_ms, shared_fit_s), det
+
+
+def _subset_fm(fm: FeatureMaps, idx: list[int]) -> FeatureMaps:
+    keep = torch.zeros(len(fm), dtype=torch.bool)
+    keep[idx] = True
+    return _subset(fm, keep)
+
+
+def run_method(name: str, cd: CategoryData, seed: int, size: int, extractor_det: Detector,
+               shots: int | None = None, base: DetectorConfig | None = None,
+               evaluate: bool = True) -> tuple[dict, Detector, list]:
+    """Fit one method on shared features and evaluate it on the test split."""
+    from cmad.evaluate import evaluate_predictions
+
+    cfg = method_config(name, seed, size, base)
+    det = Detector(cfg)
+    det._extractor = extractor_det.extractor
+    det._preprocessor = extractor_det._preprocessor
+    train_idx = list(range(len(cd.train)))
+    train_idx = select_shots(train_idx, shots, seed)
+    train_fm = cd.train_fm if shots is None else _subset_fm(cd.train_fm, train_idx)
+    with PeakRSS() as mem:
+        t = time.perf_counter()
+        det.fit_features(train_fm, cd.calib_fm, cd.calib, cd.modalities)
+        fit_s = time.perf_counter() - t
+        own_ms: dict[str, list[float]] = {}
+        preds = []
+        det.predict_features(cd.test_fm.index(0), cd.test[:1])  # warm-up
+        for i, p in enumerate(cd.test):
+            preds.extend(det.predict_features(cd.test_fm.index(i), [p]))
+            for k, v in det.timings_ms.items():
+                own_ms.setdefault(k, []).append(v)
+    stages = {"preprocess": cd.shared_ms["preprocess"]}
+    for k in sorted(_needs(cfg)):
+        stages[k] = cd.shared_ms.get(k, 0.0)
+    stages.update({k: float(np.median(v)) for k, v in own_ms.items()})
+    with tempfile.TemporaryDirectory() as tmp:
+        det.save(tmp)
+        disk = sum(f.stat().st_size for f in Path(tmp).iterdir())
+    ev = evaluate_predictions(cd.name, preds, cd.gts) if evaluate else None
+    row = {
+        "metrics": None if ev is None else ev.metrics,
+        "per_defect": None if ev is None else ev.per_defect,
+        "fit_s": cd.shared_fit_s + fit_s,
+        "method_fit_s": fit_s,
+        "infer_ms_per_sample": float(sum(stages.values())),
+        "stages_ms": stages,
+        "model_bytes": int(disk),
+        "tensor_bytes": det.model_bytes,
+        "bank_entries": int(sum(b.entries for b in det.banks.values())),
+        "peak_rss_mb": mem.peak,
+        "weights": det.weights,
+    }
+    return row, det, preds
+
+
+def _mean(rows: list[dict]) -> dict:
+    return {m: float(np.nanmean([r[m] for r in rows])) for m in METRICS}
+
+
+def _panels(cd: CategoryData, preds: list, per_type: int = 2) -> list[dict]:
+    out, seen = [], {}
+    for p, pr in zip(cd.test, preds):
+        if seen.get(p.defect_type, 0) >= per_type:
+            continue
+        seen[p.defect_type] = seen.get(p.defect_type, 0) + 1
+        maps = {PANEL_NAMES[b]: m for b, m in pr.branch_maps.items() if b in PANEL_NAMES}
+        maps["fused"] = pr.anomaly_map_work
+        depth = p.xyz[..., 2] if p.xyz is not None else np.zeros(p.gt.shape, np.float32)
+        out.append({"category": cd.name, "defect_type": p.defect_type, "stem": p.stem,
+                    "score": pr.score, "label": p.label,
+                    "rgb": p.rgb if p.rgb is not None else np.zeros(p.gt.shape + (3,), np.uint8),
+                    "depth": depth, "gt": p.gt, "maps": maps})
+    return out
+
+
+@dataclass
+class BenchResult:
+    results: dict
+    out_dir: Path
+    summary: str
+
+
+def run_bench(
+    data: Path,
+    out: Path,
+    categories: list[str] | None = None,
+    methods: list[str] | None = None,
+    shots: list[int] | None = None,
+    size: int = 224,
+    cache_dir: Path | None = None,
+    seed: int = 0,
+    threads: int = 2,
+    progress: bool = True,
+    base: DetectorConfig | None = None,
+    panels_per_type: int = 2,
+) -> BenchResult:
+    """Fit and evaluate every method on every category; write the report folder."""
+    from cmad.data.mvtec3d import Dataset
+    from cmad.report import summary_text, write_report
+
+    torch.set_num_threads(threads)
+    methods = list(methods or DEFAULT_METHODS)
+    for m in methods:
+        method_config(m, seed, size, base)  # fail early on unknown names
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"{out}: report folder exists and is not empty; each run writes a new one")
+    cats = categories or Dataset(data).categories
+    if cache_dir is None:
+        cache_dir = default_cache_dir()
+    results: dict = {"methods": {m: {"categories": {}, "per_defect": {}} for m in methods},
+                     "shots": {}, "machine": machine_info(threads),
+                     "config": DetectorConfig().to_dict() if base is None else base.to_dict(),
+                     "created": _dt.datetime.now().isoformat(timespec="seconds"),
+                     "command": " ".join(sys.argv), "descriptions": {m: METHODS[m][1] for m in methods}}
+    per_method_eff: dict[str, list[dict]] = {m: [] for m in methods}
+    panels: list[dict] = []
+    shot_rows: dict[str, dict[str, dict]] = {}
+    bar = tqdm(total=len(cats) * (len(methods) + len(shots or []) * len(SHOT_METHODS)),
+               desc="bench", disable=not progress)
+    for c in cats:
+        cd, ext = load_category(data, c, size, seed, cache_dir, progress, base)
+        for m in methods:
+            bar.set_postfix(category=c, method=m)
+            row, det, preds = run_method(m, cd, seed, size, ext, base=base)
+            res = results["methods"][m]
+            res["categories"][c] = row["metrics"]
+            res["per_defect"][c] = row["per_defect"]
+            per_method_eff[m].append(row)
+            if m == "cmad":
+                panels.extend(_panels(cd, preds, panels_per_type))
+            bar.update(1)
+        for k in shots or []:
+            for m in SHOT_METHODS:
+                if m not in METHODS:
+                    continue
+                bar.set_postfix(category=c, method=f"{m}@{k}")
+                row, _, _ = run_method(m, cd, seed, size, ext, shots=k, base=base)
+                shot_rows.setdefault(str(k), {}).setdefault(m, {})[c] = row["metrics"]
+                bar.update(1)
+        del cd
+    bar.close()
+    for m in methods:
+        res = results["methods"][m]
+        rows = per_method_eff[m]
+        res["mean"] = _mean(list(res["categories"].values()))
+        stages = sorted({k for r in rows for k in r["stages_ms"]})
+        res["fit_s"] = float(np.mean([r["fit_s"] for r in rows]))
+        res["method_fit_s"] = float(np.mean([r["method_fit_s"] for r in rows]))
+        res["infer_ms_per_sample"] = float(np.mean([r["infer_ms_per_sample"] for r in rows]))
+        res["stages_ms"] = {s: float(np.mean([r["stages_ms"].get(s, 0.0) for r in rows])) for s in stages}
+        res["model_bytes"] = int(np.mean([r["model_bytes"] for r in rows]))
+        res["bank_entries"] = int(np.mean([r["bank_entries"] for r in rows]))
+        res["peak_rss_mb"] = float(max(r["peak_rss_mb"] for r in rows))
+        res["weights"] = {c: r["weights"] for c, r in zip(res["categories"], rows)}
+    for k, by_method in shot_rows.items():
+        results["shots"][k] = {m: {"categories": cats_, "mean": _mean(list(cats_.values()))}
+                               for m, cats_ in by_method.items()}
+    write_report(out, results, panels)
+    return BenchResult(results, out, summary_text(results))
+
+
+def time_features(data: Path, category: str, limit: int = 30, size: int = 224,
+                  runtime: str = "torch", threads: int = 2, progress: bool = True) -> dict:
+    """Median ms per sample of preprocessing, RGB and 3D features (after warm-up)."""
+    from cmad.data.mvtec3d import Dataset
+
+    torch.set_num_threads(threads)
+    try:
+        import numba
+
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    except ImportError:
+        pass
+    cat = Dataset(data).category(category)
+    refs = []
+    for split in ("test", "train", "validation"):
+        refs.extend(cat.samples(split))
+        if len(refs) >= limit + 1:
+            break
+    samples = refs[: limit + 1]
+    det = Detector(DetectorConfig(size=size), rgb_runtime=runtime)
+    modalities = [m for m in ("rgb", "xyz") if getattr(samples[0], m) is not None]
+    ext = det.extractor_for(modalities)
+    prep_ms, prepared = [], []
+    for s in samples:
+        t = time.perf_counter()
+        prepared.extend(det.prepare([s]))
+        prep_ms.append((time.perf_counter() - t) * 1000.0)
+    t = time.perf_counter()
+    first = ext.extract(prepared[:1])
+    first_ms = (time.perf_counter() - t) * 1000.0
+    times: dict[str, list[float]] = {"rgb_features": [], "xyz_features": []}
+    for p in tqdm(prepared[1:], desc="features", disable=not progress):
+        fm = ext.extract([p])
+        for k in times:
+            times[k].append(fm.timings_ms.get(k, 0.0))
+    return {
+        "category": category, "n": len(prepared) - 1, "size": size, "threads": threads,
+        "runtime": runtime,
+        "preprocess_ms": float(np.median(prep_ms[1:])),
+        "rgb_ms": float(np.median(times["rgb_features"])) if "rgb" in modalities else None,
+        "xyz_ms": float(np.median(times["xyz_features"])) if "xyz" in modalities else None,
+        "first_call_ms": first_ms,
+        "rgb_dim": None if ext.rgb is None else int(first.rgb.shape[1]),
+        "xyz_dim": None if ext.xyz is None else int(first.xyz.shape[1]),
+        "grid": list(first.grid),
+    }
+
+
+def run_demo(out: Path, size: str = "default", seed: int = 0, threads: int = 2) -> BenchResult:
+    """`make demo`: synthetic data, then a bench of cmad against its baselines."""
+    from cmad.data import synth
+
+    out = Path(out)
+    data = out / "data"
+    if not (data.exists() and any(data.iterdir())):
+        log.info("generating the synthetic dataset (%s) into %s", size, data)
+        synth.generate(data, seed=seed, size=size, progress=True)
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    report = out / f"report-{stamp}"
+    res = run_bench(data, report, methods=["cmad", "align", "rgb-bank", "xyz-bank", "btf"],
+                    cache_dir=out / "cache", seed=seed, threads=threads)
+    latest = out / "report"
+    if latest.is_symlink() or latest.exists():
+        if latest.is_symlink() or latest.is_file():
+            latest.unlink()
+        else:
+            shutil.rmtree(latest)
+    latest.symlink_to(report.name)
+    res.summary += f"\n\nreport: {report}/index.html"
+    return res

@@ -1,0 +1,190 @@
+"""Reading and writing the files of an MVTec 3D-AD style dataset.
+
+Every reader turns a failure deep inside PIL or tifffile into a `DataError` that names the
+file and what is wrong with it. Writers are atomic: a temporary file in the target folder,
+then `os.replace`, so a reader never sees a half-written file.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import tifffile
+from PIL import Image
+
+from cmad.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "image_size",
+    "read_gt",
+    "read_rgb",
+    "read_xyz",
+    "write_bytes_atomic",
+    "write_png_atomic",
+    "write_tiff_atomic",
+]
+
+
+def _open_image(path: Path) -> Image.Image:
+    if not path.is_file():
+        raise DataError(path, "file not found")
+    try:
+        img = Image.open(path)
+        img.load()
+    except Exception as exc:  # noqa: BLE001 - PIL raises many unrelated types for a bad file
+        raise DataError(path, f"unreadable image ({type(exc).__name__}: {exc})") from None
+    return img
+
+
+def _to_uint8(arr: np.ndarray) -> np.ndarray:
+    """Bring a 16- or 32-bit integer image to 8 bits by its bit depth."""
+    if arr.dtype == np.uint8:
+        return arr
+    if arr.dtype == np.bool_:
+        return arr.astype(np.uint8) * 255
+    if arr.dtype == np.uint16:
+        return (arr >> 8).astype(np.uint8)
+    return np.clip(arr, 0, 255).astype(np.uint8)
+
+
+def read_rgb(path: str | Path) -> np.ndarray:
+    """Read an image as uint8 (H, W, 3); grey, palette and RGBA images are converted to RGB."""
+    path = Path(path)
+    img = _open_image(path)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        grey = _to_uint8(np.asarray(img))
+        return np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2))
+    if img.mode != "RGB":
+        try:
+            img = img.convert("RGB")
+        except Exception as exc:  # noqa: BLE001 - any PIL failure is a bad file
+            raise DataError(path, f"cannot convert image mode {img.mode} to RGB: {exc}") from None
+    arr = np.asarray(img, dtype=np.uint8)
+    if arr.ndim != 3 or arr.shape[2] != 3:
+        raise DataError(path, f"expected an H x W x 3 image, got shape {arr.shape}")
+    return np.ascontiguousarray(arr)
+
+
+def read_gt(path: str | Path) -> np.ndarray:
+    """Read a ground-truth mask as uint8 (H, W), keeping its per-pixel values.
+
+    Mode L is read as is; for a colour mask the maximum over the colour channels is taken
+    (alpha ignored); a 1-bit mask becomes 0/255; palette masks keep their indices.
+    """
+    path = Path(path)
+    img = _open_image(path)
+    arr = np.asarray(img)
+    if arr.ndim == 3:
+        channels = arr.shape[2]
+        arr = arr[:, :, :3].max(axis=2) if channels >= 3 else arr[:, :, 0]
+    if arr.ndim != 2:
+        raise DataError(path, f"expected a 2-D mask, got shape {arr.shape}")
+    if arr.dtype != np.uint8:
+        if arr.dtype != np.bool_ and arr.size and int(arr.max()) <= 255 and int(arr.min()) >= 0:
+            arr = arr.astype(np.uint8)
+        elif arr.dtype == np.bool_:
+            arr = arr.astype(np.uint8) * 255
+        else:
+            arr = (arr > 0).astype(np.uint8) * 255
+    return np.ascontiguousarray(arr)
+
+
+def read_xyz(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """Read an organized point cloud TIFF as (xyz float32 (H, W, 3), valid bool (H, W)).
+
+    NaN and inf points are invalid (one warning per file), and so are all-zero points;
+    every invalid point is set to exactly (0, 0, 0).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "file not found")
+    try:
+        arr = tifffile.imread(path)
+    except Exception as exc:  # noqa: BLE001 - tifffile raises many types for a bad file
+        raise DataError(path, f"unreadable TIFF ({type(exc).__name__}: {exc})") from None
+    if arr.ndim != 3 or arr.shape[2] != 3:
+        raise DataError(path, f"expected an H x W x 3 point cloud, got shape {arr.shape}")
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise DataError(path, f"expected float coordinates in metres, got dtype {arr.dtype}")
+    xyz = np.ascontiguousarray(arr, dtype=np.float32)
+    finite = np.isfinite(xyz).all(axis=2)
+    n_bad = int(finite.size - np.count_nonzero(finite))
+    if n_bad:
+        logger.warning("%s: %d NaN/inf points marked invalid", path, n_bad)
+    with np.errstate(invalid="ignore"):
+        nonzero = np.any(xyz != 0, axis=2)
+    valid = finite & nonzero
+    xyz[~valid] = 0.0
+    return xyz, valid
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(H, W) of a PNG/JPEG or TIFF, read from the header only (the pixels are not decoded).
+
+    For a TIFF the shape must be H x W x 3; anything else raises `DataError`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "file not found")
+    if path.suffix.lower() in (".tif", ".tiff"):
+        try:
+            with tifffile.TiffFile(path) as tif:
+                series = tif.series[0]
+                shape = tuple(int(s) for s in series.shape)
+        except Exception as exc:  # noqa: BLE001 - any tifffile failure is a bad file
+            raise DataError(path, f"unreadable TIFF ({type(exc).__name__}: {exc})") from None
+        if len(shape) != 3 or shape[2] != 3:
+            raise DataError(path, f"expected an H x W x 3 point cloud, got shape {shape}")
+        return shape[0], shape[1]
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+    except Exception as exc:  # noqa: BLE001 - any PIL failure is a bad file
+        raise DataError(path, f"unreadable image ({type(exc).__name__}: {exc})") from None
+    return int(h), int(w)
+
+
+def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """Write bytes to `path` atomically."""
+    _write_atomic(Path(path), lambda tmp: tmp.write_bytes(data))
+
+
+def write_tiff_atomic(path: str | Path, arr: np.ndarray) -> None:
+    """Write an array as a TIFF atomically (e.g. a float32 anomaly map or xyz cloud).
+
+    (H, W) is written as one grey page, (H, W, 3) as one page of 3 samples per pixel.
+    """
+    arr = np.asarray(arr)
+    photometric = "rgb" if arr.ndim == 3 and arr.shape[2] in (3, 4) else "minisblack"
+    _write_atomic(Path(path), lambda tmp: tifffile.imwrite(tmp, arr, photometric=photometric))
+
+
+def write_png_atomic(path: str | Path, arr: np.ndarray) -> None:
+    """Write a uint8 (H, W) or (H, W, 3|4) array as a PNG atomically."""
+    arr = np.asarray(arr)
+    if arr.dtype == np.bool_:
+        arr = arr.astype(np.uint8) * 255
+    if arr.dtype != np.uint8:
+        raise ValueError(f"write_png_atomic expects uint8 or bool, got {arr.dtype}")
+    img = Image.fromarray(arr)
+    _write_atomic(Path(path), lambda tmp: img.save(tmp, format="PNG"))

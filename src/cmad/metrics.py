@@ -1,0 +1,383 @@
+"""Evaluation metrics of the MVTec 3D-AD protocol and the official anomaly-map export.
+
+I-AUROC (one score per image), P-AUROC (all pixels of all images) and AUPRO at several
+false-positive-rate limits, computed on the exact curves: every distinct score is a
+threshold, never a fixed number of bins.
+
+Curve convention (the one of MVTec's reference code): pixels are sorted by score,
+descending, and each distinct score `s` gives one point, counting the pixels with
+`score >= s` as positive; tied pixels therefore enter together and a tie between defect and
+normal pixels is one diagonal segment. The curve starts at (0, 0) and ends at (1, 1). This is
+the same set of points as "score > t" for t running over the distinct scores and -inf.
+
+- Regions are the 8-connected components of each ground-truth mask binarised with `> 0`.
+- FPR(s) = (normal pixels of all images with score >= s) / (normal pixels of all images).
+- PRO(s) = mean over all regions of all images of the fraction of the region's pixels
+  with score >= s.
+- AUPRO@L = trapezoid area under PRO(FPR) from 0 to L, the curve linearly interpolated
+  at L, divided by L (a perfect detector scores 1.0, a constant map L / 2).
+
+Undefined values are returned as nan with a logged warning rather than raised, so one
+degenerate category does not stop a whole evaluation: AUROCs when only one class is
+present, AUPRO when there are no defect pixels (or no normal pixels). Invalid input
+(NaN or inf scores, mismatched shapes or counts) raises ValueError naming the index.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tifffile
+from scipy import ndimage
+from sklearn.metrics import roc_auc_score
+
+logger = logging.getLogger(__name__)
+
+#: Keys and integration limits of the AUPRO entries returned by `compute_metrics`.
+AUPRO_LIMITS: dict[str, float] = {
+    "AUPRO@30%": 0.3,
+    "AUPRO@10%": 0.1,
+    "AUPRO@5%": 0.05,
+    "AUPRO@1%": 0.01,
+}
+#: Keys of `compute_metrics`, in order.
+METRIC_KEYS: tuple[str, ...] = ("I-AUROC", "P-AUROC", *AUPRO_LIMITS)
+
+_EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+
+
+@dataclass(frozen=True)
+class _Curves:
+    """Exact ROC and PRO curves over all pixels, one point per distinct score plus (0, 0)."""
+
+    fpr: np.ndarray
+    tpr: np.ndarray | None
+    pro: np.ndarray | None
+    n_normal: int
+    n_defect: int
+    n_regions: int
+
+
+def _check_pairs(
+    gt_masks: Sequence[np.ndarray], maps: Sequence[np.ndarray]
+) -> tuple[list[np.ndarray], list[np.ndarray], np.dtype]:
+    """Validate masks and maps; return them as boolean masks, arrays and the common dtype."""
+    if len(gt_masks) != len(maps):
+        raise ValueError(f"got {len(gt_masks)} ground-truth masks but {len(maps)} anomaly maps")
+    if len(maps) == 0:
+        raise ValueError("no anomaly maps given")
+    masks_out: list[np.ndarray] = []
+    maps_out: list[np.ndarray] = []
+    for i, (gt, amap) in enumerate(zip(gt_masks, maps)):
+        gt = np.asarray(gt)
+        amap = np.asarray(amap)
+        if gt.ndim != 2 or amap.ndim != 2:
+            raise ValueError(
+                f"index {i}: masks and maps must be 2-D (H, W), got gt mask shape {gt.shape} "
+                f"and map shape {amap.shape}"
+            )
+        if gt.shape != amap.shape:
+            raise ValueError(
+                f"index {i}: gt mask shape {gt.shape} differs from anomaly map shape {amap.shape}"
+            )
+        if amap.dtype == bool or not np.issubdtype(amap.dtype, np.number) or np.iscomplexobj(amap):
+            raise ValueError(f"index {i}: anomaly map dtype {amap.dtype} is not a real number type")
+        if not np.isfinite(amap).all():
+            raise ValueError(f"index {i}: anomaly map contains NaN or inf")
+        masks_out.append(gt > 0)
+        maps_out.append(amap)
+    dtype = np.result_type(*(m.dtype for m in maps_out))
+    if not np.issubdtype(dtype, np.floating):
+        dtype = np.dtype(np.float64)
+    return masks_out, maps_out, dtype
+
+
+def _curves(
+    gt_masks: Sequence[np.ndarray],
+    maps: Sequence[np.ndarray],
+    with_pro: bool = True,
+    with_roc: bool = True,
+) -> _Curves:
+    """Compute the exact curves with one value sort over all pixels.
+
+    Only defect pixels carry a per-pixel payload (their region weight); normal pixels are
+    counted from the sorted scores, so no argsort of all pixels is needed.
+    """
+    masks, amaps, dtype = _check_pairs(gt_masks, maps)
+    n_total = sum(m.size for m in amaps)
+    if n_total == 0:
+        raise ValueError("the anomaly maps hold no pixels")
+    scores = np.empty(n_total, dtype=dtype)
+    defect_scores: list[np.ndarray] = []
+    defect_weights: list[np.ndarray] = []
+    n_regions = 0
+    offset = 0
+    for mask, amap in zip(masks, amaps):
+        scores[offset : offset + amap.size] = amap.ravel()
+        offset += amap.size
+        if not mask.any():
+            continue
+        defect_scores.append(amap[mask].astype(dtype, copy=False))
+        if with_pro:
+            labeled, n = ndimage.label(mask, structure=_EIGHT_CONNECTED)
+            region_sizes = np.bincount(labeled.ravel())
+            defect_weights.append(1.0 / region_sizes[labeled[mask]])
+            n_regions += n
+    d_scores = np.concatenate(defect_scores) if defect_scores else np.empty(0, dtype)
+    n_defect = int(d_scores.size)
+    n_normal = n_total - n_defect
+
+    scores.sort()
+    is_first = np.empty(n_total, dtype=bool)
+    is_first[0] = True
+    np.not_equal(scores[1:], scores[:-1], out=is_first[1:])
+    first = np.flatnonzero(is_first)
+    del is_first
+    distinct = scores[first]
+    del scores
+    # Descending thresholds: pixels with score >= distinct[k], for k from the top.
+    n_ge = (n_total - first)[::-1]
+    del first
+    position = np.searchsorted(distinct, d_scores)
+    n_levels = distinct.size
+    del distinct
+    defect_ge = np.cumsum(np.bincount(position, minlength=n_levels)[::-1])
+    normal_ge = n_ge - defect_ge
+
+    def _rate(count: np.ndarray, total: float) -> np.ndarray:
+        out = np.empty(count.size + 1, dtype=np.float64)
+        out[0] = 0.0
+        if total > 0:
+            np.divide(count, total, out=out[1:])
+        else:
+            out[1:] = np.nan
+        return out
+
+    fpr = _rate(normal_ge, n_normal)
+    tpr = _rate(defect_ge, n_defect) if with_roc else None
+    pro = None
+    if with_pro:
+        weights = np.concatenate(defect_weights) if defect_weights else np.empty(0)
+        pro_ge = np.cumsum(np.bincount(position, weights=weights, minlength=n_levels)[::-1])
+        pro = _rate(pro_ge, n_regions)
+        np.minimum(pro, 1.0, out=pro)
+    return _Curves(fpr, tpr, pro, n_normal, n_defect, n_regions)
+
+
+def _area_to(x: np.ndarray, y: np.ndarray, limit: float) -> float:
+    """Trapezoid area under y(x) from x[0] to `limit`, interpolating y linearly at `limit`.
+
+    x must be non-decreasing; vertical steps (equal x) add no area.
+    """
+    inside = int(np.searchsorted(x, limit, side="right"))
+    xs = x[:inside]
+    ys = y[:inside]
+    area = 0.5 * float(np.dot(np.diff(xs), ys[1:] + ys[:-1]))
+    if inside < x.size and xs[-1] < limit:
+        x0, y0, x1, y1 = x[inside - 1], y[inside - 1], x[inside], y[inside]
+        y_limit = y0 + (y1 - y0) * (limit - x0) / (x1 - x0)
+        area += 0.5 * float(y0 + y_limit) * float(limit - x0)
+    return area
+
+
+def _check_limit(fpr_limit: float) -> float:
+    limit = float(fpr_limit)
+    if not 0.0 < limit <= 1.0:
+        raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
+    return limit
+
+
+def _aupro_from(curves: _Curves, limit: float) -> float:
+    if curves.n_regions == 0 or curves.n_normal == 0 or curves.pro is None:
+        return float("nan")
+    return _area_to(curves.fpr, curves.pro, limit) / limit
+
+
+def _pixel_auroc_from(curves: _Curves) -> float:
+    if curves.n_defect == 0 or curves.n_normal == 0 or curves.tpr is None:
+        return float("nan")
+    return _area_to(curves.fpr, curves.tpr, 1.0)
+
+
+def _warn_degenerate(curves: _Curves, what: str) -> None:
+    if curves.n_defect == 0:
+        logger.warning("%s is undefined (nan): no defect pixels in the ground truth", what)
+    elif curves.n_normal == 0:
+        logger.warning("%s is undefined (nan): every pixel is a defect pixel", what)
+
+
+def image_auroc(labels: Sequence[int] | np.ndarray, scores: Sequence[float] | np.ndarray) -> float:
+    """ROC AUC of one score per image; labels are binarised with `> 0` (1 = anomalous).
+
+    Returns nan with a logged warning when only one class is present.
+    """
+    y = np.asarray(labels).ravel()
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    if y.size != s.size:
+        raise ValueError(f"got {y.size} labels but {s.size} scores")
+    if y.size == 0:
+        raise ValueError("no image scores given")
+    bad = np.flatnonzero(~np.isfinite(s))
+    if bad.size:
+        raise ValueError(f"index {int(bad[0])}: image score {s[bad[0]]} is NaN or inf")
+    positive = y > 0
+    if positive.all() or not positive.any():
+        logger.warning("I-AUROC is undefined (nan): all %d images have the same label", y.size)
+        return float("nan")
+    return float(roc_auc_score(positive, s))
+
+
+def pixel_auroc(gt_masks: Sequence[np.ndarray], maps: Sequence[np.ndarray]) -> float:
+    """ROC AUC over all pixels of all images (masks binarised with `> 0`; sizes may differ).
+
+    Equal to sklearn's roc_auc_score on the flattened concatenation, computed from one value
+    sort. Returns nan with a logged warning when only one class is present.
+    """
+    curves = _curves(gt_masks, maps, with_pro=False)
+    _warn_degenerate(curves, "P-AUROC")
+    return _pixel_auroc_from(curves)
+
+
+def pro_curve(
+    gt_masks: Sequence[np.ndarray], maps: Sequence[np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
+    """The exact PRO curve: (fpr, pro), float64, from (0, 0) to (1, 1), FPR non-decreasing.
+
+    One point per distinct score (see the module docstring). With no defect pixels, pro is
+    all nan (warning logged); with no normal pixels, fpr is nan after the first point.
+    """
+    curves = _curves(gt_masks, maps, with_roc=False)
+    _warn_degenerate(curves, "PRO curve")
+    assert curves.pro is not None
+    return curves.fpr, curves.pro
+
+
+def aupro(
+    gt_masks: Sequence[np.ndarray], maps: Sequence[np.ndarray], fpr_limit: float = 0.3
+) -> float:
+    """Area under the PRO curve up to `fpr_limit`, divided by it (perfect detector: 1.0).
+
+    Returns nan with a logged warning when there are no defect pixels (or no normal ones).
+    """
+    limit = _check_limit(fpr_limit)
+    curves = _curves(gt_masks, maps, with_roc=False)
+    _warn_degenerate(curves, f"AUPRO@{limit:g}")
+    return _aupro_from(curves, limit)
+
+
+def compute_metrics(
+    labels: Sequence[int] | np.ndarray,
+    scores: Sequence[float] | np.ndarray,
+    gt_masks: Sequence[np.ndarray],
+    maps: Sequence[np.ndarray],
+) -> dict[str, float]:
+    """The full metric set of one category, keys as in `METRIC_KEYS`.
+
+    labels/scores: one per image (I-AUROC); gt_masks/maps: (H, W) per image, the same images
+    in the same order. The curves are computed once and integrated to each limit.
+    """
+    if len(labels) != len(gt_masks):
+        raise ValueError(f"got {len(labels)} image labels but {len(gt_masks)} ground-truth masks")
+    curves = _curves(gt_masks, maps)
+    _warn_degenerate(curves, "P-AUROC and AUPRO")
+    mask_labels = np.array([bool(np.any(np.asarray(g) > 0)) for g in gt_masks])
+    disagree = np.flatnonzero(mask_labels != (np.asarray(labels).ravel() > 0))
+    if disagree.size:
+        logger.warning(
+            "%d image labels disagree with their gt masks (first at index %d)",
+            disagree.size,
+            int(disagree[0]),
+        )
+    result = {"I-AUROC": image_auroc(labels, scores), "P-AUROC": _pixel_auroc_from(curves)}
+    for key, limit in AUPRO_LIMITS.items():
+        result[key] = _aupro_from(curves, limit)
+    return result
+
+
+def _check_name(value: str, what: str) -> str:
+    name = str(value)
+    if (
+        not name
+        or name in (".", "..")
+        or "/" in name
+        or "\\" in name
+        or "\0" in name
+        or (os.altsep is not None and os.altsep in name)
+    ):
+        raise ValueError(f"{what} {value!r} is not a valid file or folder name")
+    return name
+
+
+def write_anomaly_maps(
+    out_dir: str | Path,
+    category: str,
+    items: Iterable[tuple[str, str, np.ndarray]],
+) -> list[Path]:
+    """Write float32 TIFF maps in the official layout `<out>/<category>/test/<defect>/<stem>.tiff`.
+
+    items: (defect_type, stem, map (H, W)), maps at the ORIGINAL image size. Each file is
+    written to a temporary file and renamed into place. Returns the written paths in order.
+    """
+    root = Path(out_dir) / _check_name(category, "category") / "test"
+    written: list[Path] = []
+    seen: set[Path] = set()
+    for defect_type, stem, amap in items:
+        path = root / _check_name(defect_type, "defect type") / f"{_check_name(stem, 'stem')}.tiff"
+        arr = np.asarray(amap)
+        if arr.ndim != 2:
+            raise ValueError(f"{defect_type}/{stem}: anomaly map must be (H, W), got {arr.shape}")
+        if not np.isfinite(arr).all():
+            raise ValueError(f"{defect_type}/{stem}: anomaly map contains NaN or inf")
+        if path in seen:
+            raise ValueError(f"{defect_type}/{stem}: given twice")
+        seen.add(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            tifffile.imwrite(tmp_name, np.ascontiguousarray(arr, dtype=np.float32))
+            os.replace(tmp_name, path)
+        except BaseException:
+            Path(tmp_name).unlink(missing_ok=True)
+            raise
+        written.append(path)
+    return written
+
+
+def _bench_data(
+    n: int, h: int, w: int, seed: int
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Random float32 maps with random disk-shaped defects (about 80% of images defective)."""
+    rng = np.random.default_rng(seed)
+    masks: list[np.ndarray] = []
+    maps: list[np.ndarray] = []
+    for _ in range(n):
+        mask = np.zeros((h, w), dtype=np.uint8)
+        if rng.random() < 0.8:
+            for _ in range(int(rng.integers(1, 4))):
+                r = int(rng.integers(4, max(5, min(h, w) // 10)))
+                cy, cx = int(rng.integers(0, h)), int(rng.integers(0, w))
+                y0, y1, x0, x1 = max(cy - r, 0), min(cy + r + 1, h), max(cx - r, 0), min(cx + r + 1, w)
+                yy, xx = np.ogrid[y0:y1, x0:x1]
+                mask[y0:y1, x0:x1][(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = 255
+        amap = rng.random((h, w), dtype=np.float32)
+        amap += 0.5 * (mask > 0)
+        masks.append(mask)
+        maps.append(amap)
+    return masks, maps
+
+
+def bench_aupro(n: int = 100, h: int = 600, w: int = 800, seed: int = 0) -> float:
+    """Seconds taken by one `aupro` call on n random h x w float32 maps (data not timed)."""
+    masks, maps = _bench_data(n, h, w, seed)
+    start = time.perf_counter()
+    value = aupro(masks, maps, 0.3)
+    seconds = time.perf_counter() - start
+    logger.info("AUPRO@30%% over %d maps of %d x %d: %.4f in %.2f s", n, h, w, value, seconds)
+    return seconds

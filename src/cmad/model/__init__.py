@@ -1,0 +1,1 @@
+"""The detector and its branches."""

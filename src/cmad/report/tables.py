@@ -1,0 +1,408 @@
+"""Benchmark tables in the literature's format, rendered as markdown and CSV.
+
+Every table is built once as a `Table` (display text, machine values, bold cells) and then
+rendered; the HTML renderer in `cmad.report.html` reads the same object. Display text rounds
+half up on the value's shortest decimal form, so 0.8765 in results.json reads 0.877 in the
+table; CSV cells keep full precision so they parse back to the numbers; a missing or NaN
+value reads "n/a" (an empty CSV cell).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from decimal import ROUND_HALF_UP, Decimal
+from typing import Any
+
+METRICS: tuple[str, ...] = ("I-AUROC", "P-AUROC", "AUPRO@30%", "AUPRO@10%", "AUPRO@5%",
+                            "AUPRO@1%")
+HEADLINE_METRICS: tuple[str, ...] = ("I-AUROC", "P-AUROC", "AUPRO@30%")
+BASELINE = "btf"
+NA = "n/a"
+
+
+@dataclass(frozen=True)
+class Table:
+    """One table: display header and cells, machine header and values, and bold cells.
+
+    `cells[r][0]` is the row label; `bold` holds (row, column) indices into `cells`.
+    """
+
+    title: str
+    header: list[str]
+    cells: list[list[str]]
+    csv_header: list[str]
+    values: list[list[Any]]
+    bold: frozenset[tuple[int, int]] = frozenset()
+    note: str = ""
+    align_left: int = 1
+    slug: str = field(default="")
+
+    def to_markdown(self, level: int = 3) -> str:
+        """A GitHub-flavoured markdown table under a heading, best cells in bold."""
+        lines = [f"{'#' * level} {self.title}", ""]
+        if self.note:
+            lines += [self.note, ""]
+        lines.append("| " + " | ".join(_md_escape(h) for h in self.header) + " |")
+        lines.append("|" + "|".join(":--" if c < self.align_left else "--:"
+                                    for c in range(len(self.header))) + "|")
+        for r, row in enumerate(self.cells):
+            shown = [f"**{_md_escape(t)}**" if (r, c) in self.bold else _md_escape(t)
+                     for c, t in enumerate(row)]
+            lines.append("| " + " | ".join(shown) + " |")
+        return "\n".join(lines) + "\n"
+
+    def to_csv(self) -> str:
+        """CSV with machine-friendly column names and full-precision numbers."""
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(self.csv_header)
+        for row in self.values:
+            writer.writerow([_csv_cell(v) for v in row])
+        return buf.getvalue()
+
+
+def slugify(name: str) -> str:
+    """A file-name-safe slug: 'AUPRO@30%' -> 'aupro-30', 'I-AUROC' -> 'i-auroc'."""
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    return slug or "x"
+
+
+def as_float(v: Any) -> float:
+    """A float, NaN for None, missing or non-numeric values."""
+    if v is None or isinstance(v, bool):
+        return math.nan
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def fmt_metric(v: Any, digits: int = 3) -> str:
+    """A metric to `digits` decimals, rounding half up on the shortest repr; NaN -> n/a."""
+    x = as_float(v)
+    if not math.isfinite(x):
+        return NA
+    q = Decimal(repr(x)).quantize(Decimal(1).scaleb(-digits), rounding=ROUND_HALF_UP)
+    return f"{q:.{digits}f}"
+
+
+def fmt_number(v: Any) -> str:
+    """A duration or rate with about three significant digits; NaN -> n/a."""
+    x = as_float(v)
+    if not math.isfinite(x):
+        return NA
+    a = abs(x)
+    if a >= 100:
+        return f"{x:,.0f}"
+    if a >= 10:
+        return f"{x:.1f}"
+    if a >= 0.1 or a == 0:
+        return f"{x:.2f}"
+    return f"{x:.3g}"
+
+
+def fmt_int(v: Any) -> str:
+    """An integer count with thousands separators; NaN -> n/a."""
+    x = as_float(v)
+    return f"{round(x):,}" if math.isfinite(x) else NA
+
+
+def fmt_bytes(v: Any) -> str:
+    """A byte count as B, KB, MB or GB (powers of 1000); NaN -> n/a."""
+    x = as_float(v)
+    if not math.isfinite(x):
+        return NA
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if abs(x) >= scale:
+            return f"{fmt_number(x / scale)} {unit}"
+    return f"{round(x)} B"
+
+
+def fmt_ratio(v: Any) -> str:
+    """A ratio written like 0.25x; NaN -> n/a."""
+    x = as_float(v)
+    if not math.isfinite(x):
+        return NA
+    return f"{x:.2f}x" if abs(x) < 10 else f"{x:.1f}x"
+
+
+def ratio(num: Any, den: Any) -> float:
+    """num / den, NaN when either is missing or den is not positive."""
+    a, b = as_float(num), as_float(den)
+    if not (math.isfinite(a) and math.isfinite(b)) or b <= 0:
+        return math.nan
+    return a / b
+
+
+def methods_of(results: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+    """The methods of a results dict, in their given order."""
+    return dict(results.get("methods") or {})
+
+
+def categories_of(entries: Iterable[Mapping[str, Any]]) -> list[str]:
+    """The union of the categories of several method entries, in first-seen order."""
+    seen: dict[str, None] = {}
+    for entry in entries:
+        for cat in entry.get("categories") or {}:
+            seen.setdefault(str(cat), None)
+    return list(seen)
+
+
+def metric_table(results: Mapping[str, Any], metric: str) -> Table:
+    """One metric: methods as rows, categories plus Mean as columns, best per column bold."""
+    methods = methods_of(results)
+    cats = categories_of(methods.values())
+    values: list[list[Any]] = []
+    for name, entry in methods.items():
+        per_cat = entry.get("categories") or {}
+        row = [as_float((per_cat.get(c) or {}).get(metric)) for c in cats]
+        row.append(as_float((entry.get("mean") or {}).get(metric)))
+        values.append([name, *row])
+    cells = [[str(v[0]), *(fmt_metric(x) for x in v[1:])] for v in values]
+    return Table(title=metric, header=["Method", *cats, "Mean"], cells=cells,
+                 csv_header=["method", *cats, "mean"], values=values,
+                 bold=best_cells(cells, range(1, len(cats) + 2)), slug=slugify(metric))
+
+
+def best_cells(cells: Sequence[Sequence[str]], columns: Iterable[int],
+               higher_is_better: bool = True) -> frozenset[tuple[int, int]]:
+    """The (row, column) cells holding the best displayed value of each column.
+
+    Ties at the displayed precision are all bold; a column with fewer than two numbers has
+    nothing to compare and no bold cell.
+    """
+    bold: set[tuple[int, int]] = set()
+    for c in columns:
+        nums = {r: float(row[c]) for r, row in enumerate(cells) if _is_number(row[c])}
+        if len(nums) < 2:
+            continue
+        best = max(nums.values()) if higher_is_better else min(nums.values())
+        bold.update((r, c) for r, x in nums.items() if x == best)
+    return frozenset(bold)
+
+
+def stage_names(results: Mapping[str, Any]) -> list[str]:
+    """The union of all methods' stage names, in first-seen order."""
+    seen: dict[str, None] = {}
+    for entry in methods_of(results).values():
+        for stage in entry.get("stages_ms") or {}:
+            seen.setdefault(str(stage), None)
+    return list(seen)
+
+
+def efficiency_table(results: Mapping[str, Any], baseline: str = BASELINE) -> Table:
+    """Time, memory and size per method, with ratios against `baseline` when it is present.
+
+    "time vs btf" is the ratio of inference milliseconds per sample, "size vs btf" the
+    ratio of model bytes; below 1 means cheaper than the baseline.
+    """
+    methods = methods_of(results)
+    stages = stage_names(results)
+    base = methods.get(baseline)
+    header = ["Method", "fit (s)", "infer (ms/sample)", "samples/s",
+              *(f"{s} (ms)" for s in stages), "model size", "bank entries", "peak RSS (MB)"]
+    csv_header = ["method", "fit_s", "infer_ms_per_sample", "samples_per_s",
+                  *(f"stage_{slugify(s).replace('-', '_')}_ms" for s in stages),
+                  "model_bytes", "bank_entries", "peak_rss_mb"]
+    if base is not None:
+        header += [f"time vs {baseline}", f"size vs {baseline}"]
+        csv_header += [f"time_vs_{baseline}", f"size_vs_{baseline}"]
+    cells: list[list[str]] = []
+    values: list[list[Any]] = []
+    for name, e in methods.items():
+        infer = as_float(e.get("infer_ms_per_sample"))
+        per_s = 1000.0 / infer if math.isfinite(infer) and infer > 0 else math.nan
+        st = e.get("stages_ms") or {}
+        row_v: list[Any] = [name, as_float(e.get("fit_s")), infer, per_s,
+                            *(as_float(st.get(s)) for s in stages),
+                            as_float(e.get("model_bytes")), as_float(e.get("bank_entries")),
+                            as_float(e.get("peak_rss_mb"))]
+        row_t = [str(name), *(fmt_number(x) for x in row_v[1:4 + len(stages)]),
+                 fmt_bytes(row_v[-3]), fmt_int(row_v[-2]), fmt_number(row_v[-1])]
+        if base is not None:
+            t = ratio(infer, base.get("infer_ms_per_sample"))
+            s = ratio(e.get("model_bytes"), base.get("model_bytes"))
+            row_v += [t, s]
+            row_t += [fmt_ratio(t), fmt_ratio(s)]
+        values.append([_int_if_whole(v) for v in row_v])
+        cells.append(row_t)
+    note = ("Inference is the median per sample over the test set after warm-up; "
+            "stage columns are milliseconds per sample.")
+    if base is not None:
+        note += (f" Ratios are against `{baseline}`: inference time per sample and model "
+                 "size (below 1x is cheaper).")
+    return Table(title="Efficiency", header=header, cells=cells, csv_header=csv_header,
+                 values=values, note=note, slug="efficiency")
+
+
+def per_defect_tables(results: Mapping[str, Any],
+                      metrics: Sequence[str] = HEADLINE_METRICS) -> list[Table]:
+    """For each method with per-defect results: rows category / defect type, metric columns."""
+    tables = []
+    for name, e in methods_of(results).items():
+        per_defect = e.get("per_defect") or {}
+        values: list[list[Any]] = []
+        for cat, defects in per_defect.items():
+            for defect, m in (defects or {}).items():
+                values.append([f"{cat} / {defect}", *(as_float((m or {}).get(k))
+                                                       for k in metrics)])
+        if not values:
+            continue
+        cells = [[v[0], *(fmt_metric(x) for x in v[1:])] for v in values]
+        tables.append(Table(title=f"{name}: per defect type", header=["Category / defect",
+                                                                      *metrics],
+                            cells=cells, csv_header=["category_defect", *metrics],
+                            values=values, slug=f"per-defect-{slugify(name)}"))
+    return tables
+
+
+def per_defect_long_csv(results: Mapping[str, Any]) -> str:
+    """All per-defect results in one long CSV: method, category, defect, every metric."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["method", "category", "defect_type", *METRICS])
+    for name, e in methods_of(results).items():
+        for cat, defects in (e.get("per_defect") or {}).items():
+            for defect, m in (defects or {}).items():
+                writer.writerow([name, cat, defect,
+                                 *(_csv_cell(as_float((m or {}).get(k))) for k in METRICS)])
+    return buf.getvalue()
+
+
+def shot_counts(results: Mapping[str, Any]) -> list[str]:
+    """The shot counts of results["shots"], sorted numerically where they are numbers."""
+    keys = [str(k) for k in (results.get("shots") or {})]
+    return sorted(keys, key=lambda k: (0, float(k), k) if _is_number(k) else (1, 0.0, k))
+
+
+def few_shot_table(results: Mapping[str, Any]) -> Table | None:
+    """Rows method @ K shots (and @ all, the full-data run, for reference); None without shots.
+
+    Columns: mean I-AUROC, P-AUROC and AUPRO@30%, then I-AUROC per category.
+    """
+    shots = results.get("shots") or {}
+    if not shots:
+        return None
+    full = methods_of(results)
+    ordered = [(k, m, e) for k in shot_counts(results)
+               for m, e in (shots.get(k) or shots.get(_num_key(k, shots)) or {}).items()]
+    shot_methods = list(dict.fromkeys(m for _, m, _ in ordered))
+    rows = ordered + [("all", m, full[m]) for m in shot_methods if m in full]
+    cats = categories_of(e for _, _, e in rows)
+    header = ["Method @ shots", *(f"{k} (mean)" for k in HEADLINE_METRICS),
+              *(f"I-AUROC {c}" for c in cats)]
+    csv_header = ["method", "shots", *(f"mean_{k}" for k in HEADLINE_METRICS),
+                  *(f"I-AUROC_{c}" for c in cats)]
+    cells: list[list[str]] = []
+    values: list[list[Any]] = []
+    for k, m, e in rows:
+        mean = e.get("mean") or {}
+        per_cat = e.get("categories") or {}
+        nums = [as_float(mean.get(x)) for x in HEADLINE_METRICS]
+        nums += [as_float((per_cat.get(c) or {}).get("I-AUROC")) for c in cats]
+        cells.append([f"{m} @ {k}", *(fmt_metric(x) for x in nums)])
+        values.append([m, _int_if_whole(as_float(k)) if _is_number(k) else k, *nums])
+    note = ("Fitted on K training samples chosen with the seed; '@ all' is the full-data run "
+            "of the same method, for reference.")
+    return Table(title="Few-shot", header=header, cells=cells, csv_header=csv_header,
+                 values=values, note=note, slug="few-shot")
+
+
+def headline_table(results: Mapping[str, Any], baseline: str = BASELINE) -> Table:
+    """Mean accuracy and the cost of each method in one table (the report's first table)."""
+    methods = methods_of(results)
+    base = methods.get(baseline)
+    header = ["Method", *(f"{k} (mean)" for k in HEADLINE_METRICS), "infer (ms/sample)",
+              "model size"]
+    csv_header = ["method", *(f"mean_{k}" for k in HEADLINE_METRICS), "infer_ms_per_sample",
+                  "model_bytes"]
+    if base is not None:
+        header += [f"time vs {baseline}", f"size vs {baseline}"]
+        csv_header += [f"time_vs_{baseline}", f"size_vs_{baseline}"]
+    cells: list[list[str]] = []
+    values: list[list[Any]] = []
+    for name, e in methods.items():
+        nums = [as_float((e.get("mean") or {}).get(k)) for k in HEADLINE_METRICS]
+        infer, size = as_float(e.get("infer_ms_per_sample")), as_float(e.get("model_bytes"))
+        row_v: list[Any] = [name, *nums, infer, _int_if_whole(size)]
+        row_t = [str(name), *(fmt_metric(x) for x in nums), fmt_number(infer), fmt_bytes(size)]
+        if base is not None:
+            t = ratio(infer, base.get("infer_ms_per_sample"))
+            s = ratio(size, base.get("model_bytes"))
+            row_v += [t, s]
+            row_t += [fmt_ratio(t), fmt_ratio(s)]
+        values.append(row_v)
+        cells.append(row_t)
+    return Table(title="Headline", header=header, cells=cells, csv_header=csv_header,
+                 values=values, bold=best_cells(cells, range(1, len(HEADLINE_METRICS) + 1)),
+                 note="Mean over categories; best accuracy per column in bold.",
+                 slug="headline")
+
+
+def summary_text(results: Mapping[str, Any], baseline: str = BASELINE,
+                 method: str = "cmad") -> str:
+    """A compact plain-text table of mean I-AUROC, P-AUROC and AUPRO@30% per method.
+
+    The best value of each column is marked with '*'. When both `method` and `baseline`
+    are present a last line gives the inference-time and model-size ratios between them.
+    """
+    methods = methods_of(results)
+    if not methods:
+        return "no methods in the results\n"
+    cells = [[str(n), *(fmt_metric((e.get("mean") or {}).get(k)) for k in HEADLINE_METRICS)]
+             for n, e in methods.items()]
+    bold = best_cells(cells, range(1, len(HEADLINE_METRICS) + 1))
+    header = ["method", *HEADLINE_METRICS]
+    shown = [[t + ("*" if (r, c) in bold else " ") if c else t for c, t in enumerate(row)]
+             for r, row in enumerate(cells)]
+    widths = [max(len(header[c]) + (1 if c else 0), *(len(row[c]) for row in shown))
+              for c in range(len(header))]
+    lines = ["  ".join(h.ljust(widths[c]) if c == 0 else (h + " ").rjust(widths[c])
+                       for c, h in enumerate(header))]
+    lines += ["  ".join(t.ljust(widths[c]) if c == 0 else t.rjust(widths[c])
+                        for c, t in enumerate(row)) for row in shown]
+    if method in methods and baseline in methods:
+        a, b = methods[method], methods[baseline]
+        t = ratio(a.get("infer_ms_per_sample"), b.get("infer_ms_per_sample"))
+        s = ratio(a.get("model_bytes"), b.get("model_bytes"))
+        lines.append(
+            f"{method} vs {baseline}: {fmt_ratio(t)} the inference time per sample "
+            f"({fmt_number(a.get('infer_ms_per_sample'))} ms vs "
+            f"{fmt_number(b.get('infer_ms_per_sample'))} ms), {fmt_ratio(s)} the model size "
+            f"({fmt_bytes(a.get('model_bytes'))} vs {fmt_bytes(b.get('model_bytes'))})")
+    return "\n".join(lines) + "\n"
+
+
+def _num_key(k: str, shots: Mapping[Any, Any]) -> Any:
+    """The original key of `shots` whose string form is `k` (keys may be ints)."""
+    return next((orig for orig in shots if str(orig) == k), k)
+
+
+def _is_number(text: Any) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except (TypeError, ValueError):
+        return False
+
+
+def _int_if_whole(v: Any) -> Any:
+    """Byte and entry counts as ints in CSV; other numbers unchanged."""
+    if isinstance(v, float) and math.isfinite(v) and v.is_integer() and abs(v) >= 1:
+        return int(v)
+    return v
+
+
+def _csv_cell(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return repr(v) if math.isfinite(v) else ""
+    return str(v)
+
+
+def _md_escape(text: str) -> str:
+    return str(text).replace("|", "\\|")

@@ -1,0 +1,2 @@
+from fixture_mvtec import *  # noqa
+from fixture_synth import *  # noqa

@@ -1,0 +1,228 @@
+"""The `cmad bench` report: files, table contents, CSV and JSON round trips, figures, HTML."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cmad.report import summary_text, write_report
+from cmad.report.figures import panel_filename
+from cmad.report.tables import METRICS, fmt_bytes, fmt_metric, fmt_ratio, slugify
+
+NAN = float("nan")
+CATS = ("bagel", "foam")
+
+
+def _metrics(base: float) -> dict[str, float]:
+    return {m: round(base - 0.01 * i, 4) for i, m in enumerate(METRICS)}
+
+
+def _results() -> dict[str, Any]:
+    cmad_cats = {"bagel": _metrics(0.8765), "foam": _metrics(0.95)}
+    cmad_cats["foam"]["AUPRO@1%"] = NAN
+    btf_cats = {"bagel": _metrics(0.9), "foam": _metrics(0.7)}
+    return {
+        "methods": {
+            "cmad": {"categories": cmad_cats, "mean": _metrics(0.91325),
+                     "per_defect": {"bagel": {"crack": _metrics(0.81), "hole": _metrics(0.93)}},
+                     "fit_s": 12.5, "infer_ms_per_sample": 10.0,
+                     "stages_ms": {"rgb features": 6.0, "bank search": 1.5},
+                     "model_bytes": 2_000_000, "bank_entries": 1500, "peak_rss_mb": 900.0},
+            "btf": {"categories": btf_cats, "mean": _metrics(0.8),
+                    "per_defect": {"bagel": {"crack": _metrics(0.85), "hole": _metrics(0.95)}},
+                    "fit_s": 30.0, "infer_ms_per_sample": 40.0,
+                    "stages_ms": {"rgb features": 6.0, "fpfh": 20.0, "bank search": 14.0},
+                    "model_bytes": 50_000_000, "bank_entries": 90000, "peak_rss_mb": 1500.0},
+        },
+        "shots": {"5": {"cmad": {"categories": {"bagel": _metrics(0.7), "foam": _metrics(0.6)},
+                                 "mean": _metrics(0.65)}}},
+        "machine": {"cpu": "test cpu", "cores": 2},
+        "config": {"resolution": 224, "weights": [1.0, 1.0, 1.0]},
+        "created": "2025-01-02T03:04:05",
+        "command": "cmad bench --data d --out r",
+    }
+
+
+def _panels() -> list[dict[str, Any]]:
+    rng = np.random.default_rng(0)
+    s = 32
+    panels = []
+    for i, (cat, defect, has_3d) in enumerate((("bagel", "crack", True), ("foam", "good", False))):
+        depth = rng.uniform(0.4, 0.6, (s, s)).astype(np.float32)
+        depth[:4] = 0.0
+        gt = np.zeros((s, s), dtype=bool)
+        if defect != "good":
+            gt[10:16, 12:20] = True
+        maps = {k: rng.normal(0, 1, (s, s)).astype(np.float32)
+                for k in ("cross-modal", "rgb-bank", "fused")}
+        if has_3d:
+            maps["3d-bank"] = rng.normal(0, 1, (s, s)).astype(np.float32)
+        panels.append({"category": cat, "defect_type": defect, "stem": f"{i:03d}",
+                       "score": float(maps["fused"].max()), "label": int(defect != "good"),
+                       "rgb": rng.integers(0, 256, (s, s, 3), dtype=np.uint8), "depth": depth,
+                       "gt": gt, "maps": maps})
+    return panels
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    out = tmp_path_factory.mktemp("bench") / "report"
+    index = write_report(out, _results(), _panels(), quiet=True)
+    return out, index
+
+
+def _md_rows(path: Path) -> list[list[str]]:
+    rows = [line for line in path.read_text().splitlines() if line.startswith("|")]
+    return [[c.strip() for c in re.split(r"(?<!\\)\|", r)[1:-1]] for r in rows
+            if not re.fullmatch(r"\|[:\-|]+\|", r)]
+
+
+def test_files_written(report: tuple[Path, Path]) -> None:
+    out, index = report
+    assert index == out / "index.html"
+    expected = ["results.json", "tables.md", "index.html", "tables/efficiency.md",
+                "tables/efficiency.csv", "tables/per_defect.md", "tables/few_shot.md",
+                "tables/few_shot.csv", "figures/iauroc_by_method.png",
+                "figures/aupro_by_method.png", "figures/panel_bagel_crack_000.png",
+                "figures/panel_foam_good_001.png"]
+    expected += [f"tables/{slugify(m)}.{ext}" for m in METRICS for ext in ("md", "csv")]
+    for rel in expected:
+        assert (out / rel).is_file(), rel
+    assert not list(out.rglob("*.tmp")), "temporary files left behind"
+
+
+def test_metric_table_markdown(report: tuple[Path, Path]) -> None:
+    out, _ = report
+    rows = _md_rows(out / "tables" / "i-auroc.md")
+    assert rows[0] == ["Method", "bagel", "foam", "Mean"]
+    body = {r[0]: r[1:] for r in rows[1:]}
+    assert list(body) == ["cmad", "btf"]
+    assert body["cmad"] == ["0.877", "**0.950**", "**0.913**"]
+    assert body["btf"] == ["**0.900**", "0.700", "0.800"]
+    aupro1 = {r[0]: r[1:] for r in _md_rows(out / "tables" / "aupro-1.md")[1:]}
+    assert aupro1["cmad"][1] == "n/a"
+    assert aupro1["btf"][1] == "0.650"  # the only number in the column: nothing to compare
+    everything = (out / "tables.md").read_text()
+    for m in METRICS:
+        assert f"### {m}" in everything
+    assert "### Efficiency" in everything and "### Few-shot" in everything
+
+
+def test_metric_csv_round_trip(report: tuple[Path, Path]) -> None:
+    out, _ = report
+    given = _results()["methods"]
+    for metric in METRICS:
+        with open(out / "tables" / f"{slugify(metric)}.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+        assert [r["method"] for r in rows] == ["cmad", "btf"]
+        for r in rows:
+            entry = given[r["method"]]
+            for cat in CATS:
+                want = entry["categories"][cat][metric]
+                got = float(r[cat]) if r[cat] else NAN
+                assert (math.isnan(want) and math.isnan(got)) or got == want
+            assert float(r["mean"]) == entry["mean"][metric]
+
+
+def test_results_json_round_trip(report: tuple[Path, Path]) -> None:
+    out, _ = report
+    text = (out / "results.json").read_text()
+    assert "NaN" not in text
+    loaded = json.loads(text)
+    want = _results()
+    want["methods"]["cmad"]["categories"]["foam"]["AUPRO@1%"] = None
+    assert loaded == want
+
+
+def test_efficiency_ratios(report: tuple[Path, Path]) -> None:
+    out, _ = report
+    rows = _md_rows(out / "tables" / "efficiency.md")
+    header, body = rows[0], {r[0]: dict(zip(rows[0], r)) for r in rows[1:]}
+    for stage in ("rgb features", "bank search", "fpfh"):
+        assert f"{stage} (ms)" in header
+    assert body["cmad"]["time vs btf"] == "0.25x"
+    assert body["cmad"]["size vs btf"] == "0.04x"
+    assert body["btf"]["time vs btf"] == "1.00x"
+    assert body["cmad"]["samples/s"] == "100"
+    assert body["cmad"]["model size"] == "2.00 MB"
+    assert body["cmad"]["fpfh (ms)"] == "n/a"
+    with open(out / "tables" / "efficiency.csv", newline="") as f:
+        csv_rows = {r["method"]: r for r in csv.DictReader(f)}
+    assert float(csv_rows["cmad"]["time_vs_btf"]) == 0.25
+    assert int(csv_rows["btf"]["model_bytes"]) == 50_000_000
+
+
+def test_per_defect_and_few_shot(report: tuple[Path, Path]) -> None:
+    out, _ = report
+    per_defect = (out / "tables" / "per_defect.md").read_text()
+    assert "### cmad: per defect type" in per_defect and "### btf: per defect type" in per_defect
+    rows = _md_rows(out / "tables" / "per_defect.md")
+    assert ["bagel / crack", "0.810", "0.800", "0.790"] in rows
+    few = {r[0]: r[1:] for r in _md_rows(out / "tables" / "few_shot.md")}
+    assert few["cmad @ 5"][:4] == ["0.650", "0.640", "0.630", "0.700"]
+    assert few["cmad @ all"][0] == "0.913"
+    with open(out / "tables" / "few_shot.csv", newline="") as f:
+        first = next(csv.DictReader(f))
+    assert first["method"] == "cmad" and first["shots"] == "5"
+    assert float(first["I-AUROC_foam"]) == 0.6
+
+
+def test_index_links_every_png(report: tuple[Path, Path]) -> None:
+    out, index = report
+    html = index.read_text()
+    srcs = set(re.findall(r'<img src="([^"]+)"', html))
+    pngs = {p.relative_to(out).as_posix() for p in out.rglob("*.png")}
+    assert pngs and srcs == pngs
+    for needle in ("test cpu", "2025-01-02T03:04:05", "cmad bench --data d --out r",
+                   '<td class="best">0.900</td>', "bagel / crack"):
+        assert needle in html
+    assert "<link" not in html and "<script" not in html
+
+
+def test_panel_png_looks_like_a_row(report: tuple[Path, Path]) -> None:
+    out, _ = report
+    with Image.open(out / "figures" / "panel_foam_good_001.png") as img:
+        w, h = img.size
+        arr = np.asarray(img.convert("RGB"))
+    assert w > 4 * h, "one row of seven images"
+    assert arr.std() > 10, "the panel is not blank"
+
+
+def test_summary_text() -> None:
+    text = summary_text(_results())
+    lines = text.splitlines()
+    assert lines[0].split() == ["method", "I-AUROC", "P-AUROC", "AUPRO@30%"]
+    assert lines[1].split() == ["cmad", "0.913*", "0.903*", "0.893*"]
+    assert lines[2].split() == ["btf", "0.800", "0.790", "0.780"]
+    assert "0.25x the inference time" in lines[3] and "0.04x the model size" in lines[3]
+    res = _results()
+    del res["methods"]["btf"]
+    assert "vs btf" not in summary_text(res)
+
+
+def test_without_baseline_or_shots(tmp_path: Path) -> None:
+    res = _results()
+    del res["methods"]["btf"]
+    res["shots"] = {}
+    write_report(tmp_path / "r", res, [], quiet=True)
+    header = _md_rows(tmp_path / "r" / "tables" / "efficiency.md")[0]
+    assert not any("vs btf" in h for h in header)
+    assert not (tmp_path / "r" / "tables" / "few_shot.md").exists()
+    assert "Few-shot" not in (tmp_path / "r" / "index.html").read_text()
+
+
+def test_formatting() -> None:
+    assert fmt_metric(0.8765) == "0.877"
+    assert fmt_metric(0.8764) == "0.876"
+    assert fmt_metric(NAN) == "n/a" and fmt_metric(None) == "n/a"
+    assert fmt_ratio(10 / 40) == "0.25x"
+    assert fmt_bytes(1500) == "1.50 KB" and fmt_bytes(512) == "512 B"
+    assert slugify("AUPRO@30%") == "aupro-30"
+    assert panel_filename("cable gland", "a/b", "001") == "panel_cable-gland_a-b_001.png"
