@@ -11,7 +11,7 @@ import pytest
 
 from cmad.data.synth import generate
 
-__all__ = ["tiny_root", "small_root"]
+__all__ = ["small_root", "tiny_root"]
 
 
 @pytest.fixture(scope="session")

@@ -101,7 +101,6 @@ def test_point_clouds_are_plausible(tiny_root: Path) -> None:
 def test_depth_noise_is_sub_millimetre() -> None:
     r = synth.render_sample("gland", None, seed=3, size="small")
     xyz = r.xyz
-    h, w = xyz.shape[:2]
     # a patch of table in a corner (the part is in the middle): residual of a plane fit
     patch = xyz[4:16, 4:20].reshape(-1, 3).astype(np.float64)
     patch = patch[np.any(patch != 0, axis=1)]
@@ -173,7 +172,8 @@ def test_stain_changes_colour_only(category: str) -> None:
     np.testing.assert_array_equal(d.xyz, clean.xyz)
     diff = _rgb_diff(d, clean)
     assert diff[gt].mean() > 12
-    near = ndimage.binary_dilation(gt, iterations=3)
+    # the colour change stays within the gt up to the lens blur (2 px) and sampling (1 px)
+    near = ndimage.binary_dilation(gt, iterations=4)
     assert diff[~near].max() == 0
 
 
@@ -235,3 +235,13 @@ def test_montage(tiny_root: Path, tmp_path: Path) -> None:
     out = synth.montage(tiny_root, tmp_path / "m.png", per_category=2)
     img = Image.open(out)
     assert img.size[0] > 300 and img.size[1] > 300
+
+
+def test_data_layer_reads_it_without_problems(tiny_root: Path) -> None:
+    from cmad.data.info import dataset_info
+
+    info = dataset_info(tiny_root)
+    assert sorted(info["categories"]) == sorted(synth.CATEGORY_NAMES[:2])
+    for cat in info["categories"].values():
+        assert cat["problems"] == []
+        assert cat["splits"] == {"train": 4, "validation": 2, "test": 8}

@@ -19,17 +19,19 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing as mp
 import os
 import shutil
 import sys
 import zlib
-from dataclasses import dataclass, field
-from functools import lru_cache
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from numba import njit
+from PIL import Image
 from scipy import ndimage
 
 from cmad.data.io import write_bytes_atomic, write_png_atomic, write_tiff_atomic
@@ -39,13 +41,13 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "CATEGORY_NAMES",
+    "CLASS_IDS",
     "DEFECT_TYPES",
     "SIZES",
-    "CLASS_IDS",
     "Rendered",
     "generate",
-    "render_sample",
     "montage",
+    "render_sample",
 ]
 
 # Defect folders and their gt values (class_ids.json); `combined` holds several of them.
@@ -68,7 +70,7 @@ SIZES: dict[str, dict] = {
 _F0 = 1300.0          # focal length in pixels at scale 1 (about 0.31 mm per pixel at 0.4 m)
 _Z0 = 400.0           # working distance in mm
 _BASELINE = 100.0     # projector offset from the camera in mm (structured-light occlusion)
-_OVERSAMPLE = 1.3     # height-field samples per pixel footprint
+_OVERSAMPLE = 1.0     # height-field samples per pixel footprint
 
 
 # --------------------------------------------------------------------------- textures
@@ -76,15 +78,13 @@ _OVERSAMPLE = 1.3     # height-field samples per pixel footprint
 _TEXTURE_SOURCES: dict[str, tuple[str, tuple[float, float]]] = {
     # name: (skimage.data function, anisotropic blur (rows, cols) applied before use)
     "gravel": ("gravel", (0.0, 0.0)),
-    "grass": ("grass", (0.0, 0.0)),
-    "brick": ("brick", (0.0, 0.0)),
     "moon": ("moon", (0.0, 0.0)),
     "brushed": ("grass", (0.6, 10.0)),
     "fibre": ("grass", (6.0, 0.6)),
 }
 
 
-@lru_cache(maxsize=None)
+@cache
 def _texture(name: str, sigma: float) -> np.ndarray:
     """A zero-mean, unit-variance grey texture from scikit-image's photographs, pre-blurred by
     `sigma` texels (anti-aliasing for coarse sampling)."""
@@ -211,7 +211,7 @@ def _shape_gland(a: np.ndarray, b: np.ndarray, rng: np.random.Generator,
     rho = np.hypot(a, b)
     phi = np.arctan2(b, a)
     rf = 27.0 * rng.uniform(0.985, 1.015)
-    h = np.where(rho <= rf, np.minimum(4.0, 2.3 + 1.3 * (rf - rho)), 0.0)
+    h = np.where(rho <= rf, np.minimum(7.5, 5.8 + 1.3 * (rf - rho)), 0.0)
     holes = np.zeros_like(rho, dtype=bool)
     for k in range(4):
         ang = np.pi / 4 + k * np.pi / 2
@@ -304,7 +304,7 @@ def _shape_rope(a: np.ndarray, b: np.ndarray, rng: np.random.Generator,
     fray = (aa > tape_hi) & inside
     taper = np.clip((half + 2.0 - aa) / 7.0, 0.0, 1.0)
     h = np.where(fray, (body - 0.6 * np.abs(fib) - 1.2 * strand) * (0.55 + 0.45 * taper), h)
-    h = np.where(aa > half + rng.uniform(0, 2) + 0.8 * fib * 0, 0.0, h)
+    h = np.where(aa > half + rng.uniform(0, 2), 0.0, h)
     h = np.clip(h, 0.0, None) * inside
     on = (h > 0.05).astype(np.float64)
     w_tape = tape * on
@@ -321,7 +321,7 @@ def _shape_cookie(a: np.ndarray, b: np.ndarray, rng: np.random.Generator,
     phi = np.arctan2(b, a)
     rc = 26.0 * rng.uniform(0.96, 1.04) * (1 + _fourier_ring(phi, rng, range(3, 9), 0.035))
     edge = 4.5
-    top = 6.0 + 1.2 * (1 - (rho / rc) ** 2)
+    top = 9.5 + 1.2 * (1 - (rho / rc) ** 2)
     d_in = rc - rho
     prof = np.where(d_in >= edge, 1.0,
                     np.sqrt(np.clip(1.0 - ((edge - d_in) / edge) ** 2, 0.0, 1.0)))
@@ -424,7 +424,7 @@ _CATEGORIES: dict[str, _Category] = {c.name: c for c in [
              "tall image"),
     _Category(
         "bagel", (288, 240), 38.5,
-        (_Material("glaze", (0.58, 0.35, 0.14), "moon", 0.15, 0.20, 0.40, 22.0),
+        (_Material("glaze", (0.60, 0.38, 0.15), "gravel", 0.15, 0.12, 0.25, 22.0, 0.3),
          _Material("flank", (0.84, 0.70, 0.48), "gravel", 0.10, 0.18, 0.03, 6.0),
          _Material("seed", (0.93, 0.88, 0.72), "moon", 0.2, 0.05, 0.15, 20.0)),
         _TABLE_DARK, (0.93, 0.86, 0.68), _shape_bagel,
@@ -454,10 +454,8 @@ def _hsample(hg: np.ndarray, gi: float, gj: float) -> float:
         return 0.0
     i = int(gi)
     j = int(gj)
-    if i > n0 - 2:
-        i = n0 - 2
-    if j > n1 - 2:
-        j = n1 - 2
+    i = min(i, n0 - 2)
+    j = min(j, n1 - 2)
     fi = gi - i
     fj = gj - j
     return ((hg[i, j] * (1.0 - fj) + hg[i, j + 1] * fj) * (1.0 - fi)
@@ -508,10 +506,10 @@ def _raycast(hg: np.ndarray, ds: float, u0: float, v0: float, hmax: float, box: 
         t_a, t_b = _clip(ou, ov, du, dv, (hmax - oh) / dh, t_bot, box)
         if t_a < t_b:
             horiz = np.sqrt(du * du + dv * dv) * (t_b - t_a)
-            nst = int(horiz / (0.5 * ds)) + 2
+            nst = int(horiz / (0.6 * ds)) + 2
             dt = (t_b - t_a) / nst
             t_prev = t_a
-            for k in range(0, nst + 1):
+            for k in range(nst + 1):
                 t = t_a + k * dt
                 ph = oh + t * dh
                 hh = _hsample(hg, (ov + t * dv - v0) / ds, (ou + t * du - u0) / ds)
@@ -543,7 +541,7 @@ def _raycast(hg: np.ndarray, ds: float, u0: float, v0: float, hmax: float, box: 
         qu /= qn
         qv /= qn
         qh /= qn
-        step = 0.6 * ds / max(np.sqrt(qu * qu + qv * qv), 1e-6)
+        step = 0.8 * ds / max(np.sqrt(qu * qu + qv * qv), 1e-6)
         s_a, s_b = _clip(pu, pv, qu, qv, step, (hmax - ph) / qh, box)
         if s_a < s_b:
             s = s_a
@@ -555,7 +553,7 @@ def _raycast(hg: np.ndarray, ds: float, u0: float, v0: float, hmax: float, box: 
                 s += step
         # soft shadow toward the (directional) light
         lu, lv, lh = light[0], light[1], light[2]
-        step = 1.0 * ds / max(np.sqrt(lu * lu + lv * lv), 1e-6)
+        step = 1.25 * ds / max(np.sqrt(lu * lu + lv * lv), 1e-6)
         vis = 1.0
         s_a, s_b = _clip(pu, pv, lu, lv, step, (hmax - ph) / lh, box)
         if s_a < s_b:
@@ -626,11 +624,10 @@ class _Scene:
 @dataclass
 class _Defect:
     kind: str
-    support: np.ndarray           # bool over the grid window
-    dh: np.ndarray                # height change (mm) over the window
-    alpha: np.ndarray             # colour blend weight over the window
+    support: np.ndarray           # bool over the grid: the gt region
+    dh: np.ndarray                # height change (mm) over the grid
+    alpha: np.ndarray             # colour blend weight over the grid
     color: tuple[float, float, float] | None = None
-    extra: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -653,7 +650,7 @@ def _srgb_to_linear(c: np.ndarray) -> np.ndarray:
 
 
 def _image_size(cat: _Category, scale: float) -> tuple[int, int]:
-    return max(16, int(round(cat.size[0] * scale))), max(16, int(round(cat.size[1] * scale)))
+    return max(16, round(cat.size[0] * scale)), max(16, round(cat.size[1] * scale))
 
 
 def _camera(cat: _Category, scale: float) -> dict[str, float]:
@@ -743,7 +740,7 @@ def _placeable(scene: _Scene) -> np.ndarray:
 
 def _make_defect(kind: str, scene: _Scene, rng: np.random.Generator,
                  dist: np.ndarray, taken: np.ndarray) -> _Defect | None:
-    """One defect of `kind` at a random placeable spot of the window, or None."""
+    """One defect of `kind` at a random placeable spot of the part, or None."""
     hw = scene.hgrid
     lo, hi = _RADIUS_MM[kind]
     size = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
@@ -795,7 +792,7 @@ def _make_defect(kind: str, scene: _Scene, rng: np.random.Generator,
         color = tuple(float(x) for x in np.power(lin[k], 1 / 2.2))
         alpha = (rng.uniform(0.7, 0.95) * _smoothstep(0.0, 0.25, mc)) * support
         alpha = np.where(support, np.maximum(alpha, 0.25), 0.0)
-        return _Defect(kind, support, zero, alpha, color, {"material": k})
+        return _Defect(kind, support, zero, alpha, color)
     if kind == "hole":
         depth = rng.uniform(4.0, 9.0)
         dh = -np.minimum(hw, depth * _smoothstep(0.0, 0.2, mc)) * support
@@ -816,6 +813,8 @@ def _make_defect(kind: str, scene: _Scene, rng: np.random.Generator,
 
 def _place_defects(scene: _Scene, kinds: list[str], rng: np.random.Generator
                    ) -> list[_Defect]:
+    if not kinds:
+        return []
     ok = _placeable(scene)
     dist = ndimage.distance_transform_edt(ok)
     taken = np.zeros_like(ok)
@@ -871,9 +870,11 @@ def _render(scene: _Scene, defects: list[_Defect], rng: np.random.Generator) -> 
     dirs = _mul3(dcam, basis.T)
     origin = basis @ (-scene.c0)
     proj = basis @ (np.array([_BASELINE, 0.0, 0.0]) - scene.c0)
-    hmax = float(hgrid.max()) + 0.5
-    rows = np.flatnonzero(hgrid.max(axis=1) > 0)
-    cols = np.flatnonzero(hgrid.max(axis=0) > 0)
+    # march limits from the defect-free part too, so that a defect changes nothing else
+    hmax = float(max(hgrid.max(), scene.hgrid.max())) + 0.5
+    occupied = (hgrid > 0) | (scene.hgrid > 0)
+    rows = np.flatnonzero(occupied.any(axis=1))
+    cols = np.flatnonzero(occupied.any(axis=0))
     if rows.size:
         box = np.array([scene.u0 + (cols[0] - 1.5) * ds, scene.u0 + (cols[-1] + 1.5) * ds,
                         scene.v0 + (rows[0] - 1.5) * ds, scene.v0 + (rows[-1] + 1.5) * ds])
@@ -907,25 +908,18 @@ def _render(scene: _Scene, defects: list[_Defect], rng: np.random.Generator) -> 
     w_table = np.clip(1.0 - wmat.sum(axis=1), 0.0, 1.0)
     wall = np.concatenate([wmat, w_table[:, None]], axis=1)
     albedo = np.zeros((w * h, 3))
-    ks = np.zeros(w * h)
-    shin = np.zeros(w * h)
-    metal = np.zeros(w * h)
+    props = np.zeros((w * h, 3))      # specular strength, shininess, metalness
     for k, m in enumerate(mats):
-        sel = wall[:, k] > 1e-3
-        if not sel.any():
+        sel = np.flatnonzero(wall[:, k] > 1e-3)
+        if sel.size == 0:
             continue
-        if k == k_mat:
-            ta, tb, sampler = pu[sel], pv[sel], scene.tex
-        else:
-            ta, tb, sampler = oa[sel], ob[sel], scene.tex
-        tx = sampler(m.texture, ta, tb, m.tex_mm, tuple(scene.tex_offsets[k]),
-                     stretch=m.tex_stretch)
+        ta, tb = (pu, pv) if k == k_mat else (oa, ob)
+        tx = scene.tex(m.texture, ta[sel], tb[sel], m.tex_mm, tuple(scene.tex_offsets[k]),
+                       stretch=m.tex_stretch)
         wk = wall[sel, k]
-        albedo[sel] += wk[:, None] * scene.colors[k][None, :] * np.clip(
-            1.0 + m.contrast * tx, 0.2, 2.0)[:, None]
-        ks[sel] += wk * m.ks
-        shin[sel] += wk * m.shininess
-        metal[sel] += wk * m.metal
+        albedo[sel] += (wk * np.clip(1.0 + m.contrast * tx, 0.2, 2.0))[:, None] * scene.colors[k]
+        props[sel] += wk[:, None] * np.array([m.ks, m.shininess, m.metal])
+    ks, shin, metal = props[:, 0], props[:, 1], props[:, 2]
     for idx, d in enumerate(defects):
         if d.kind == "hole" or d.color is None:
             continue
@@ -965,8 +959,7 @@ def _render(scene: _Scene, defects: list[_Defect], rng: np.random.Generator) -> 
     lin *= (scene.exposure * 1.25 * (1.0 - 0.22 * rr))[:, None]
     img = np.power(np.clip(lin, 0.0, 1.0), 1 / 2.2).reshape(h, w, 3)
     img = ndimage.gaussian_filter(img, (0.55, 0.55, 0), mode="nearest")
-    img = img + rng.normal(0.0, 0.008, img.shape) + rng.normal(0.0, 0.012, img.shape) * np.sqrt(
-        img)
+    img = img + rng.standard_normal(img.shape, dtype=np.float32) * (0.008 + 0.012 * np.sqrt(img))
     rgb = np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8)
 
     # point cloud: noise along the ray, then the scanner's invalid points
@@ -993,7 +986,7 @@ def _render(scene: _Scene, defects: list[_Defect], rng: np.random.Generator) -> 
         rad = rng.uniform(0.8, 2.2) * max(1.0, w / 320)
         yy, xx = np.ogrid[0:h, 0:w]
         invalid |= (yy - ci) ** 2 + (xx - cj) ** 2 <= rad ** 2
-    bw = max(1, int(round(w / 160)))
+    bw = max(1, round(w / 160))
     sides = rng.integers(0, bw + 1, 4)
     invalid[:sides[0], :] = True
     invalid[h - sides[1]:, :] = True
@@ -1098,7 +1091,7 @@ material of the part), hole, cut, contamination (both).
 
 _LICENSE = """This synthetic data was generated by cmad and is released under the same licence as
 cmad (Apache-2.0). Its textures derive from scikit-image's example images
-(skimage.data: brick, grass, gravel, moon), which scikit-image distributes under
+(skimage.data: grass, gravel, moon), which scikit-image distributes under
 permissive licences (see skimage/data/README.txt of scikit-image).
 """
 
@@ -1120,13 +1113,26 @@ def _is_ours(folder: Path) -> bool:
         return False
 
 
+def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def _write_sample(job: tuple[str, float, int, str, str, int, str]) -> None:
     """Render one sample and write its files (runs in a worker process when parallel)."""
     name, scale, seed, split, folder, idx, tmp = job
     r = _sample(_CATEGORIES[name], scale, seed, split, folder, idx)
     base = Path(tmp) / split / folder
     stem = f"{idx:03d}"
-    write_png_atomic(base / "rgb" / f"{stem}.png", r.rgb)
+    # low compression: the sensor noise makes PNGs nearly incompressible anyway
+    _write_atomic(base / "rgb" / f"{stem}.png",
+                  lambda tmp: Image.fromarray(r.rgb).save(tmp, format="PNG", compress_level=1))
     write_tiff_atomic(base / "xyz" / f"{stem}.tiff", r.xyz)
     if split == "test":
         write_png_atomic(base / "gt" / f"{stem}.png", r.gt)
@@ -1191,7 +1197,7 @@ def generate(out: Path, categories: int | list[str] | None = None, seed: int = 0
             raise ConfigError(f"categories must be 1..{len(CATEGORY_NAMES)}, got {categories}")
         names = CATEGORY_NAMES[:categories]
     else:
-        names = list(categories)
+        names = list(dict.fromkeys(categories))
         if not names:
             raise ConfigError("no categories given")
     cats = [_category(n) for n in names]
@@ -1212,8 +1218,6 @@ def generate(out: Path, categories: int | list[str] | None = None, seed: int = 0
         tmps[cat.name] = tmp
         jobs += [(cat.name, scale, seed, split, folder, idx, str(tmp))
                  for split, folder, idx in plan]
-    import multiprocessing as mp
-
     n_workers = _default_workers() if workers is None else max(1, int(workers))
     # fork only: forkserver/spawn would re-run the caller's main module
     if len(jobs) < 48 or sys.platform != "linux" or "fork" not in mp.get_all_start_methods():
@@ -1224,8 +1228,10 @@ def generate(out: Path, categories: int | list[str] | None = None, seed: int = 0
                 _write_sample(job)
                 bar.update(1)
         else:
+            _write_sample(jobs[0])   # compiles (or loads) the numba kernels before forking
+            bar.update(1)
             with mp.get_context("fork").Pool(n_workers) as pool:
-                for _ in pool.imap_unordered(_write_sample, jobs, chunksize=2):
+                for _ in pool.imap_unordered(_write_sample, jobs[1:], chunksize=2):
                     bar.update(1)
     for cat in cats:
         _write_meta(tmps[cat.name], cat, seed, size, scale)
@@ -1237,8 +1243,8 @@ def generate(out: Path, categories: int | list[str] | None = None, seed: int = 0
 # --------------------------------------------------------------------------- montage
 
 def montage(root: Path, out_png: Path, per_category: int = 4) -> Path:
-    """Save a figure of rgb | depth | gt for a few samples of each category under `root`:
-    one good training sample, then test samples of different defect types."""
+    """Save a figure with one row per category under `root`: for a good training sample and
+    test samples of different defect types, rgb | depth (invalid points black) | gt."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1247,53 +1253,55 @@ def montage(root: Path, out_png: Path, per_category: int = 4) -> Path:
     from cmad.data.io import read_gt, read_rgb, read_xyz
 
     root = Path(root)
-    rows: list[tuple[str, Path, Path, Path | None]] = []
+    rows: list[list[tuple[str, Path, Path, Path | None]]] = []
     for cat_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         picks: list[tuple[str, Path, Path, Path | None]] = []
         tr = sorted((cat_dir / "train" / "good" / "rgb").glob("*.png"))
         if tr:
             picks.append((f"{cat_dir.name} train/good/{tr[0].stem}", tr[0],
                           tr[0].parent.parent / "xyz" / f"{tr[0].stem}.tiff", None))
-        folders = sorted(d for d in (cat_dir / "test").iterdir() if d.is_dir()
-                         and d.name != "good") if (cat_dir / "test").is_dir() else []
+        test = cat_dir / "test"
+        prefer = [_COMBINED, "stain", "dent", "hole", "cut", "contamination"]
+        folders = sorted((d for d in test.iterdir() if d.is_dir() and d.name != "good"),
+                         key=lambda d: (prefer.index(d.name) if d.name in prefer else 99,
+                                        d.name)) if test.is_dir() else []
         for d in folders:
             files = sorted((d / "rgb").glob("*.png"))
             if files:
                 f = files[0]
-                picks.append((f"{cat_dir.name} test/{d.name}/{f.stem}", f,
-                              d / "xyz" / f"{f.stem}.tiff", d / "gt" / f"{f.stem}.png"))
-        rows += picks[:per_category]
+                picks.append((f"{d.name}/{f.stem}", f, d / "xyz" / f"{f.stem}.tiff",
+                              d / "gt" / f"{f.stem}.png"))
+        if picks:
+            rows.append(picks[:per_category])
     if not rows:
         raise DataError(root, "no samples found for a montage")
-    fig, axes = plt.subplots(len(rows), 3, figsize=(11, 2.9 * len(rows)), squeeze=False)
-    for r, (title, rgb_p, xyz_p, gt_p) in enumerate(rows):
-        rgb = read_rgb(rgb_p)
-        xyz, valid = read_xyz(xyz_p)
-        z = xyz[..., 2]
-        lo, hi = (np.percentile(z[valid], [1, 99]) if valid.any() else (0.0, 1.0))
-        depth = np.ma.masked_where(~valid, z)
-        cmap = matplotlib.colormaps["viridis_r"].copy()
-        cmap.set_bad("black")
-        axes[r, 0].imshow(rgb)
-        axes[r, 0].set_title(title, fontsize=8)
-        axes[r, 1].imshow(depth, cmap=cmap, vmin=lo, vmax=hi)
-        axes[r, 1].set_title(f"z {lo * 1000:.0f}-{hi * 1000:.0f} mm, invalid black", fontsize=8)
-        if gt_p is not None:
-            gt = read_gt(gt_p)
-            axes[r, 2].imshow(gt, cmap="gray", vmin=0, vmax=255)
+    ncol = 3 * max(len(r) for r in rows)
+    fig, axes = plt.subplots(len(rows), ncol, figsize=(1.9 * ncol, 2.0 * len(rows)),
+                             squeeze=False)
+    cmap = matplotlib.colormaps["viridis_r"].with_extremes(bad="black")
+    for r, picks in enumerate(rows):
+        for c, (title, rgb_p, xyz_p, gt_p) in enumerate(picks):
+            rgb = read_rgb(rgb_p)
+            xyz, valid = read_xyz(xyz_p)
+            z = xyz[..., 2]
+            lo, hi = np.percentile(z[valid], [1, 99]) if valid.any() else (0.0, 1.0)
+            ax_rgb, ax_z, ax_gt = axes[r, 3 * c], axes[r, 3 * c + 1], axes[r, 3 * c + 2]
+            ax_rgb.imshow(rgb)
+            ax_rgb.set_title(title, fontsize=7)
+            ax_z.imshow(np.ma.masked_where(~valid, z), cmap=cmap, vmin=lo, vmax=hi)
+            ax_z.set_title(f"z {lo * 1000:.0f}-{hi * 1000:.0f} mm", fontsize=7)
+            gt = read_gt(gt_p) if gt_p is not None else np.zeros(rgb.shape[:2], np.uint8)
+            ax_gt.imshow(gt, cmap="gray", vmin=0, vmax=255)
             vals = sorted(int(v) for v in np.unique(gt) if v)
-            axes[r, 2].set_title(f"gt values {vals}", fontsize=8)
-        else:
-            axes[r, 2].imshow(np.zeros(rgb.shape[:2]), cmap="gray", vmin=0, vmax=1)
-            axes[r, 2].set_title("normal", fontsize=8)
-        for ax in axes[r]:
-            ax.set_xticks([])
-            ax.set_yticks([])
+            ax_gt.set_title(f"gt {vals}" if vals else "gt: normal", fontsize=7)
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if not ax.images:
+            ax.set_axis_off()
     fig.tight_layout()
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_png.with_name(f".{out_png.name}.tmp.png")
-    fig.savefig(tmp, dpi=90)
+    _write_atomic(out_png, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
-    tmp.replace(out_png)
     return out_png

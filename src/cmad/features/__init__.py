@@ -167,7 +167,8 @@ class FeatureExtractor:
         if cfg.use_xyz:
             from cmad.features.xyz import FPFHConfig, FPFHExtractor
 
-            self.xyz = FPFHExtractor(FPFHConfig(**cfg.xyz))
+            grid = (size // 8, size // 8)
+            self.xyz = FPFHExtractor(FPFHConfig(**{"grid": grid, **cfg.xyz}))
         if self.rgb is not None:
             self.grid = tuple(self.rgb.grid)
         else:

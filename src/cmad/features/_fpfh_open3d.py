@@ -5,12 +5,18 @@ the two agree when the window covers `feature_radius`.
 """
 from __future__ import annotations
 
+from types import ModuleType
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from cmad.errors import ConfigError
 
+if TYPE_CHECKING:
+    from cmad.features.xyz import FPFHConfig
 
-def require_open3d():
+
+def require_open3d() -> ModuleType:
     """The open3d module, or a ConfigError saying how to install it."""
     try:
         import open3d as o3d
@@ -43,11 +49,13 @@ def fpfh_open3d_grid(
     return out
 
 
-def fpfh_open3d(xyz: np.ndarray, mask: np.ndarray, normals: np.ndarray, cfg) -> np.ndarray:
+def fpfh_open3d(
+    xyz: np.ndarray, mask: np.ndarray, normals: np.ndarray, cfg: FPFHConfig
+) -> np.ndarray:
     """open3d's FPFH (S', S', 33) on the points `cmad.features.xyz` samples, same normals.
 
     `xyz`, `mask` at working resolution; `normals` on the sampled grid (from
-    `compute_normals`); `cfg` an `FPFHConfig`.
+    `compute_normals`).
     """
     from cmad.features.xyz import sample_grid
 

@@ -159,14 +159,14 @@ def _smallest_eigvec(a00, a01, a02, a11, a12, a22):
     d0 = x0 * x0 + y0 * y0 + z0 * z0
     d1 = x1 * x1 + y1 * y1 + z1 * z1
     d2 = x2 * x2 + y2 * y2 + z2 * z2
+    if max(d0, d1, d2) == 0.0:
+        return 0.0, 0.0, 0.0
     if d0 >= d1 and d0 >= d2:
         s = math.sqrt(d0)
         return x0 / s, y0 / s, z0 / s
     if d1 >= d2:
         s = math.sqrt(d1)
         return x1 / s, y1 / s, z1 / s
-    if d2 == 0.0:
-        return 0.0, 0.0, 0.0
     s = math.sqrt(d2)
     return x2 / s, y2 / s, z2 / s
 
@@ -587,7 +587,6 @@ def _pool_kernel(feat, ok, step, size, gh, gw):
     return out, cnt
 
 
-
 # --------------------------------------------------------------------------- scheduling
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}
@@ -629,9 +628,11 @@ class _Rows:
         if n == 1:
             fn(*args, *ranges[0])
             return
-        if n not in _POOLS:
-            _POOLS[n] = ThreadPoolExecutor(max_workers=n, thread_name_prefix="cmad-fpfh")
-        for fut in [_POOLS[n].submit(fn, *args, a, b) for a, b in ranges]:
+        if n - 1 not in _POOLS:
+            _POOLS[n - 1] = ThreadPoolExecutor(max_workers=n - 1, thread_name_prefix="cmad-fpfh")
+        futures = [_POOLS[n - 1].submit(fn, *args, a, b) for a, b in ranges[1:]]
+        fn(*args, *ranges[0])  # the calling thread takes the first range
+        for fut in futures:
             fut.result()
 
     def each(self, fn: Callable, *args) -> None:
@@ -781,6 +782,10 @@ def pool_patches(
 
     `feat` is on the sampled grid of a `size` x `size` image.
     """
+    side = -(-size // cfg.step)
+    if feat.shape != (side, side, DIM):
+        raise ValueError(f"features {feat.shape} are not the step-{cfg.step} grid of a "
+                         f"{size} x {size} image ({side}, {side}, {DIM})")
     ok = np.ascontiguousarray(feat[..., :11].sum(axis=2) > 0)
     pooled, cnt = _pool_kernel(
         np.ascontiguousarray(feat, dtype=np.float32), ok, cfg.step, size, *cfg.grid
@@ -809,8 +814,13 @@ class FPFHExtractor:
         return DIM
 
     def identity(self) -> dict:
-        """Name and settings, stored with a model to check it is loaded with this extractor."""
-        return {"name": "fpfh", "dim": DIM, **self.cfg.to_dict()}
+        """Name and settings, stored with a model to check it is loaded with this extractor.
+
+        The thread count is left out: it does not change the features.
+        """
+        settings = self.cfg.to_dict()
+        del settings["threads"]
+        return {"name": "fpfh", "dim": DIM, **settings}
 
     def point_features(self, xyz: np.ndarray, foreground: np.ndarray) -> np.ndarray:
         """Per-point FPFH (S', S', 33) on the sampled grid, with the configured backend."""
