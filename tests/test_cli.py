@@ -1,0 +1,130 @@
+"""The command line end to end on tiny data: info, synth, fit, evaluate, predict, bench."""
+import json
+
+import numpy as np
+import pytest
+import tifffile
+from typer.testing import CliRunner
+
+from cmad.cli import app
+
+runner = CliRunner()
+FAST = "size: 64\nbank_min_entries: 16\nalign:\n  epochs: 3\n  hidden: 32\n"
+
+
+def _run(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    return result
+
+
+def test_info_json_on_mvtec_shaped_tree(mvtec_like_root):
+    r = _run("info", "--data", mvtec_like_root, "--json")
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.stdout)
+    cat = info["categories"]["tire_like"]
+    assert cat["splits"] == {"train": 2, "validation": 1, "test": 4}
+    assert cat["modalities"] == ["rgb", "xyz"]
+    assert cat["image_sizes"] == [[600, 800]]
+    assert cat["problems"] == []
+
+
+def test_info_reports_missing_folder_as_error(tmp_path):
+    r = _run("info", "--data", tmp_path / "nope")
+    assert r.exit_code == 2
+    assert "nope" in r.output
+
+
+def test_synth_then_info_has_no_problems(tmp_path):
+    out = tmp_path / "syn"
+    r = _run("synth", "--out", out, "--size", "tiny", "--categories", "1", "--quiet")
+    assert r.exit_code == 0, r.output
+    info = json.loads(_run("info", "--data", out, "--json").stdout)
+    assert len(info["categories"]) == 1
+    assert all(not c["problems"] for c in info["categories"].values())
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_root, tmp_path_factory):
+    d = tmp_path_factory.mktemp("model")
+    cfg = d / "cfg.yaml"
+    cfg.write_text(FAST)
+    cat = sorted(p.name for p in tiny_root.iterdir() if p.is_dir())[0]
+    r = _run("fit", "--data", tiny_root, "--category", cat, "--out", d / "m", "--config", cfg,
+             "--quiet")
+    assert r.exit_code == 0, r.output
+    return d / "m", cat
+
+
+def test_evaluate_json_and_official_maps(model_dir, tiny_root, tmp_path):
+    m, cat = model_dir
+    r = _run("evaluate", "--model", m, "--data", tiny_root, "--category", cat, "--json",
+             "--maps", tmp_path / "maps")
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    for k in ("category", "n_test", "I-AUROC", "P-AUROC", "AUPRO@30%", "AUPRO@10%",
+              "AUPRO@5%", "AUPRO@1%"):
+        assert k in res
+    tiffs = sorted((tmp_path / "maps" / cat / "test").glob("*/*.tiff"))
+    assert len(tiffs) == res["n_test"]
+    rgb = next((tiny_root / cat / "test").glob("*/rgb/000.png"))
+    from PIL import Image
+
+    w, h = Image.open(rgb).size
+    arr = tifffile.imread(tiffs[0])
+    assert arr.dtype == np.float32 and arr.shape == (h, w)
+
+
+def test_predict_single_pair_and_folder(model_dir, tiny_root, tmp_path):
+    m, cat = model_dir
+    folder = tiny_root / cat / "test" / "good"
+    r = _run("predict", "--model", m, "--rgb", folder / "rgb" / "000.png",
+             "--xyz", folder / "xyz" / "000.tiff", "--out", tmp_path / "one", "--quiet")
+    assert r.exit_code == 0, r.output
+    scores = json.loads((tmp_path / "one" / "scores.json").read_text())
+    assert len(scores["samples"]) == 1
+    assert (tmp_path / "one" / "overlays" / "000.png").exists()
+    r = _run("predict", "--model", m, "--input", folder, "--out", tmp_path / "many", "--quiet")
+    assert r.exit_code == 0, r.output
+    n = len(list((folder / "rgb").glob("*.png")))
+    assert len(list((tmp_path / "many" / "maps").glob("*.tiff"))) == n
+
+
+def test_predict_mispaired_input_names_the_file(model_dir, tiny_root, tmp_path):
+    m, cat = model_dir
+    src = tiny_root / cat / "test" / "good"
+    bad = tmp_path / "bad"
+    (bad / "rgb").mkdir(parents=True)
+    (bad / "xyz").mkdir()
+    (bad / "rgb" / "000.png").write_bytes((src / "rgb" / "000.png").read_bytes())
+    (bad / "xyz" / "001.tiff").write_bytes((src / "xyz" / "000.tiff").read_bytes())
+    r = _run("predict", "--model", m, "--input", bad, "--out", tmp_path / "o", "--quiet")
+    assert r.exit_code == 2
+    assert "001" in r.output or "000" in r.output
+
+
+def test_load_of_foreign_directory_is_clear_error(tmp_path, tiny_root):
+    r = _run("evaluate", "--model", tmp_path, "--data", tiny_root, "--category", "x")
+    assert r.exit_code == 2
+    assert "not a cmad model directory" in r.output
+
+
+def test_bench_on_mvtec_shaped_fixture(mvtec_like_root, tmp_path):
+    """Issue 5: the same bench command runs on an MVTec 3D-AD shaped tree."""
+    out = tmp_path / "report"
+    r = _run("bench", "--data", mvtec_like_root, "--out", out, "--resolution", 224,
+             "--methods", "cmad,rgb-bank,xyz-bank,btf", "--cache", tmp_path / "cache", "--quiet")
+    assert r.exit_code == 0, r.output
+    res = json.loads((out / "results.json").read_text())
+    for m in ("cmad", "rgb-bank", "xyz-bank", "btf"):
+        row = res["methods"][m]
+        assert set(row["categories"]["tire_like"]) >= {"I-AUROC", "P-AUROC", "AUPRO@30%",
+                                                       "AUPRO@1%"}
+        for k in ("fit_s", "infer_ms_per_sample", "stages_ms", "model_bytes", "bank_entries",
+                  "peak_rss_mb"):
+            assert k in row
+        assert row["model_bytes"] > 0
+    assert (out / "index.html").exists()
+    assert (out / "tables" / "i-auroc.md").exists()
+    # each run writes a new folder: a second run into the same one is refused
+    r2 = _run("bench", "--data", mvtec_like_root, "--out", out, "--resolution", 64, "--quiet")
+    assert r2.exit_code == 2
