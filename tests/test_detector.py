@@ -133,3 +133,37 @@ def test_full_method_finds_defects(small_root):
     assert ev.metrics["P-AUROC"] > 0.85, ev.metrics
     assert ev.metrics["AUPRO@30%"] > 0.6, ev.metrics
     assert ev.metrics["I-AUROC"] > 0.6, ev.metrics
+
+
+@pytest.mark.parametrize("modalities,expected", [(("rgb",), {"rgb_bank"}),
+                                                 (("xyz",), {"xyz_bank"})])
+def test_single_modality_data_runs_the_branches_it_has(tmp_path, modalities, expected):
+    from fixture_mvtec import make_mvtec_like_tree
+
+    cat_dir = make_mvtec_like_tree(tmp_path, size=(120, 160), modalities=modalities, n_train=3,
+                                   n_validation=2)
+    cat = Dataset(tmp_path).category(cat_dir.name)
+    assert cat.modalities == list(modalities)
+    det = Detector(DetectorConfig(bank_min_entries=16)).fit(cat, progress=False)
+    assert set(det.branches) == expected
+    preds = det.predict(cat.samples("test"))
+    assert all(set(p.branch_maps) == expected for p in preds)
+    assert all(np.isfinite(p.score) for p in preds)
+
+
+def test_second_fit_reuses_cached_features(category, tmp_path, monkeypatch):
+    from cmad.features import FeatureExtractor
+
+    Detector(_cfg(), cache_dir=tmp_path).fit(category, progress=False)
+    calls = []
+    real = FeatureExtractor._compute
+
+    def counting(self, batch):
+        calls.append([p.key for p in batch])
+        return real(self, batch)
+
+    monkeypatch.setattr(FeatureExtractor, "_compute", counting)
+    Detector(_cfg(), cache_dir=tmp_path).fit(category, progress=False)
+    computed = {k for batch in calls for k in batch}
+    # training features come from the cache; only validation (with pasted defects) is computed
+    assert not any("/train/" in k for k in computed), computed

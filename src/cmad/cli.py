@@ -7,7 +7,6 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -58,11 +57,11 @@ def info(
 @app.command()
 def synth(
     out: Path = typer.Option(..., "--out", help="folder to write the dataset into"),
-    categories: Optional[str] = typer.Option(
+    categories: str | None = typer.Option(
         None, "--categories", help="a number N (the first N) or comma-separated names"),
     seed: int = typer.Option(0, "--seed"),
     size: str = typer.Option("default", "--size", help="tiny | small | default"),
-    montage: Optional[Path] = typer.Option(None, "--montage", help="also write a montage PNG"),
+    montage: Path | None = typer.Option(None, "--montage", help="also write a montage PNG"),
     quiet: bool = typer.Option(False, "--quiet"),
 ) -> None:
     """Generate a realistic synthetic dataset in the MVTec 3D-AD layout."""
@@ -109,7 +108,7 @@ def features(
             typer.echo(f"{k:>22}: {v}")
 
 
-def _load_config(config: Optional[Path], overrides: dict) -> "DetectorConfig":  # noqa: F821
+def _load_config(config: Path | None, overrides: dict) -> DetectorConfig:  # noqa: F821
     from cmad.model.detector import DetectorConfig
 
     base = DetectorConfig.from_file(config).to_dict() if config else DetectorConfig().to_dict()
@@ -122,10 +121,10 @@ def fit(
     data: Path = typer.Option(..., "--data"),
     category: str = typer.Option(..., "--category"),
     out: Path = typer.Option(..., "--out", help="model directory to write"),
-    shots: Optional[int] = typer.Option(None, "--shots", help="fit on K training samples"),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML/JSON detector config"),
-    seed: Optional[int] = typer.Option(None, "--seed"),
-    cache: Optional[Path] = typer.Option(None, "--cache", help="cache dir for derived arrays"),
+    shots: int | None = typer.Option(None, "--shots", help="fit on K training samples"),
+    config: Path | None = typer.Option(None, "--config", help="YAML/JSON detector config"),
+    seed: int | None = typer.Option(None, "--seed"),
+    cache: Path | None = typer.Option(None, "--cache", help="cache dir for derived arrays"),
     threads: int = typer.Option(2, "--threads"),
     quiet: bool = typer.Option(False, "--quiet"),
 ) -> None:
@@ -152,9 +151,9 @@ def evaluate(
     model: Path = typer.Option(..., "--model"),
     data: Path = typer.Option(..., "--data"),
     category: str = typer.Option(..., "--category"),
-    maps: Optional[Path] = typer.Option(None, "--maps", help="write official-layout TIFF maps"),
+    maps: Path | None = typer.Option(None, "--maps", help="write official-layout TIFF maps"),
     resolution: str = typer.Option("original", "--resolution", help="original | working"),
-    cache: Optional[Path] = typer.Option(None, "--cache"),
+    cache: Path | None = typer.Option(None, "--cache"),
     threads: int = typer.Option(2, "--threads"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
@@ -188,9 +187,9 @@ def evaluate(
 def predict(
     model: Path = typer.Option(..., "--model"),
     out: Path = typer.Option(..., "--out"),
-    rgb: Optional[Path] = typer.Option(None, "--rgb", help="one RGB PNG"),
-    xyz: Optional[Path] = typer.Option(None, "--xyz", help="its organized point cloud TIFF"),
-    input_dir: Optional[Path] = typer.Option(
+    rgb: Path | None = typer.Option(None, "--rgb", help="one RGB PNG"),
+    xyz: Path | None = typer.Option(None, "--xyz", help="its organized point cloud TIFF"),
+    input_dir: Path | None = typer.Option(
         None, "--input", help="a folder with rgb/ and xyz/ subfolders (dataset layout)"),
     threads: int = typer.Option(2, "--threads"),
     quiet: bool = typer.Option(False, "--quiet"),
@@ -217,11 +216,11 @@ def predict(
 def bench(
     data: Path = typer.Option(..., "--data"),
     out: Path = typer.Option(..., "--out", help="report folder (a new one per run)"),
-    categories: Optional[str] = typer.Option(None, "--categories", help="comma-separated"),
-    methods: Optional[str] = typer.Option(None, "--methods", help="comma-separated"),
-    shots: Optional[str] = typer.Option(None, "--shots", help="e.g. 5,10,50"),
+    categories: str | None = typer.Option(None, "--categories", help="comma-separated"),
+    methods: str | None = typer.Option(None, "--methods", help="comma-separated"),
+    shots: str | None = typer.Option(None, "--shots", help="e.g. 5,10,50"),
     resolution: int = typer.Option(224, "--resolution"),
-    cache: Optional[Path] = typer.Option(None, "--cache"),
+    cache: Path | None = typer.Option(None, "--cache"),
     seed: int = typer.Option(0, "--seed"),
     threads: int = typer.Option(2, "--threads"),
     quiet: bool = typer.Option(False, "--quiet"),

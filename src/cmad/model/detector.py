@@ -9,9 +9,10 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,7 +26,14 @@ from cmad.features import ExtractorConfig, FeatureExtractor, FeatureMaps
 from cmad.model.align import AlignConfig, CrossModalAlignment
 from cmad.model.bank import MemoryBank
 from cmad.model.calibrate import calibration_set
-from cmad.model.fusion import choose_weights, combine, image_scores, normalise, robust_stats, upsample
+from cmad.model.fusion import (
+    choose_weights,
+    combine,
+    image_scores,
+    normalise,
+    robust_stats,
+    upsample,
+)
 from cmad.types import Prediction, Prepared, Sample
 
 log = logging.getLogger(__name__)
@@ -363,8 +371,10 @@ class Detector:
         self.timings_ms["bank_search"] = t_bank * 1000.0 / n
         return out
 
-    def predict_features(self, fm: FeatureMaps, prepared: Sequence[Prepared]) -> list[Prediction]:
-        """Predictions from already extracted features."""
+    def predict_features(self, fm: FeatureMaps, prepared: Sequence[Prepared],
+                         branch_maps: bool = True) -> list[Prediction]:
+        """Predictions from already extracted features; `branch_maps=False` skips the
+        per-branch pixel maps (only the fused map is needed to score)."""
         from cmad.data.preprocess import to_original
 
         raw = self.branch_maps(fm)
@@ -377,7 +387,8 @@ class Detector:
         floor = float(min(0.0, pix.min()))
         pix = np.where(area, pix, floor).astype(np.float32)
         scores = image_scores(pix, area, self.config.score_mode, self.config.topk)
-        branch_pix = {b: upsample(m, size, self.config.sigma) for b, m in maps.items()}
+        branch_pix = ({b: upsample(m, size, self.config.sigma) for b, m in maps.items()}
+                      if branch_maps else {})
         preds = []
         for i, p in enumerate(prepared):
             preds.append(Prediction(
@@ -390,7 +401,8 @@ class Detector:
         self.timings_ms["fusion"] = (time.perf_counter() - t) * 1000.0 / max(len(prepared), 1)
         return preds
 
-    def predict(self, samples: Sequence[Sample], progress: bool = False) -> list[Prediction]:
+    def predict(self, samples: Sequence[Sample], progress: bool = False,
+                branch_maps: bool = True) -> list[Prediction]:
         """Score samples at their original resolution (maps at original size)."""
         if not self.branches:
             raise RuntimeError("the detector has not been fitted or loaded")
@@ -403,7 +415,7 @@ class Detector:
             prep = self.prepare(chunk)
             t_prep = (time.perf_counter() - t) * 1000.0 / len(chunk)
             fm = self.extractor.extract(prep)
-            out.extend(self.predict_features(fm, prep))
+            out.extend(self.predict_features(fm, prep, branch_maps=branch_maps))
             for k, v in {"preprocess": t_prep, **fm.timings_ms, **self.timings_ms}.items():
                 stages[k] = stages.get(k, 0.0) + v * len(chunk)
         self.timings_ms = {k: v / max(len(samples), 1) for k, v in stages.items()}
