@@ -363,7 +363,7 @@ def _shape_tire(a: np.ndarray, b: np.ndarray, rng: np.random.Generator,
     h_side = 8.0 + 7.5 * np.sqrt(np.clip(1.0 - ((u - 0.5) / 0.62) ** 2, 0.0, 1.0))
     h_side = h_side + 0.45 * np.exp(-((rho - 19.5) / 0.35) ** 2)
     letters = np.zeros_like(rho, dtype=bool)
-    for k in range(int(rng.integers(10, 16))):
+    for _ in range(int(rng.integers(10, 16))):
         c = rng.uniform(0, 2 * np.pi)
         width = rng.uniform(0.04, 0.12)
         dphi = np.angle(np.exp(1j * (phi - c)))
