@@ -418,6 +418,16 @@ def time_features(data: Path, category: str, limit: int = 30, size: int = 224,
     }
 
 
+def category_table(results: dict, method: str) -> str:
+    """Plain-text table of one method's I-AUROC, P-AUROC and AUPRO@30% per category."""
+    row = results["methods"][method]
+    keys = ("I-AUROC", "P-AUROC", "AUPRO@30%")
+    lines = [f"{method}: per category", f"{'category':<14}" + "".join(f"{k:>11}" for k in keys)]
+    for c, m in [*row["categories"].items(), ("Mean", row["mean"])]:
+        lines.append(f"{c:<14}" + "".join(f"{m[k]:>11.3f}" for k in keys))
+    return "\n".join(lines)
+
+
 def run_demo(out: Path, size: str = "default", seed: int = 0, threads: int = 2) -> BenchResult:
     """`make demo`: synthetic data, then a bench of cmad against its baselines."""
     from cmad.data import synth
@@ -439,5 +449,6 @@ def run_demo(out: Path, size: str = "default", seed: int = 0, threads: int = 2) 
         else:
             shutil.rmtree(latest)
     latest.symlink_to(report.name)
+    res.summary = category_table(res.results, "cmad") + "\n\n" + res.summary
     res.summary += f"\n\nreport: {report}/index.html"
     return res
