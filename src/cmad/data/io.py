@@ -150,7 +150,8 @@ def image_size(path: str | Path) -> tuple[int, int]:
     return int(h), int(w)
 
 
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+def write_atomic(path: str | Path, write: Callable[[Path], None]) -> None:
+    """Call `write(tmp)` on a temporary file beside `path`, then rename it over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -166,7 +167,7 @@ def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     """Write bytes to `path` atomically."""
-    _write_atomic(Path(path), lambda tmp: tmp.write_bytes(data))
+    write_atomic(Path(path), lambda tmp: tmp.write_bytes(data))
 
 
 def write_tiff_atomic(path: str | Path, arr: np.ndarray) -> None:
@@ -176,7 +177,7 @@ def write_tiff_atomic(path: str | Path, arr: np.ndarray) -> None:
     """
     arr = np.asarray(arr)
     photometric = "rgb" if arr.ndim == 3 and arr.shape[2] in (3, 4) else "minisblack"
-    _write_atomic(Path(path), lambda tmp: tifffile.imwrite(tmp, arr, photometric=photometric))
+    write_atomic(Path(path), lambda tmp: tifffile.imwrite(tmp, arr, photometric=photometric))
 
 
 def write_png_atomic(path: str | Path, arr: np.ndarray) -> None:
@@ -187,4 +188,4 @@ def write_png_atomic(path: str | Path, arr: np.ndarray) -> None:
     if arr.dtype != np.uint8:
         raise ValueError(f"write_png_atomic expects uint8 or bool, got {arr.dtype}")
     img = Image.fromarray(arr)
-    _write_atomic(Path(path), lambda tmp: img.save(tmp, format="PNG"))
+    write_atomic(Path(path), lambda tmp: img.save(tmp, format="PNG"))

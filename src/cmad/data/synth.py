@@ -34,7 +34,7 @@ from numba import njit
 from PIL import Image
 from scipy import ndimage
 
-from cmad.data.io import write_bytes_atomic, write_png_atomic, write_tiff_atomic
+from cmad.data.io import write_atomic, write_bytes_atomic, write_png_atomic, write_tiff_atomic
 from cmad.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -1113,17 +1113,6 @@ def _is_ours(folder: Path) -> bool:
         return False
 
 
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _write_sample(job: tuple[str, float, int, str, str, int, str]) -> None:
     """Render one sample and write its files (runs in a worker process when parallel)."""
     name, scale, seed, split, folder, idx, tmp = job
@@ -1131,7 +1120,7 @@ def _write_sample(job: tuple[str, float, int, str, str, int, str]) -> None:
     base = Path(tmp) / split / folder
     stem = f"{idx:03d}"
     # low compression: the sensor noise makes PNGs nearly incompressible anyway
-    _write_atomic(base / "rgb" / f"{stem}.png",
+    write_atomic(base / "rgb" / f"{stem}.png",
                   lambda tmp: Image.fromarray(r.rgb).save(tmp, format="PNG", compress_level=1))
     write_tiff_atomic(base / "xyz" / f"{stem}.tiff", r.xyz)
     if split == "test":
@@ -1302,6 +1291,6 @@ def montage(root: Path, out_png: Path, per_category: int = 4) -> Path:
     fig.tight_layout()
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out_png, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    write_atomic(out_png, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     return out_png
