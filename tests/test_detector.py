@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cmad.data.mvtec3d import Dataset
-from cmad.errors import ConfigError, ModelFormatError
+from cmad.errors import ConfigError, DataError, ModelFormatError
 from cmad.evaluate import evaluate_predictions
 from cmad.model.detector import Detector, DetectorConfig
 
@@ -109,6 +109,37 @@ def test_config_errors():
         DetectorConfig(size=100)
     with pytest.raises(ConfigError):
         DetectorConfig.from_dict({"sizee": 224})
+    with pytest.raises(ConfigError, match="align"):
+        DetectorConfig(align={"epoch": 3})
+    with pytest.raises(ConfigError, match="score_mode"):
+        DetectorConfig(score_mode="mean")
+    with pytest.raises(ConfigError, match="bank_fraction"):
+        DetectorConfig(bank_fraction=0.0)
+    # a partial align override keeps the other defaults
+    assert DetectorConfig(align={"epochs": 3}).align["variant"] == "latent"
+
+
+def test_predict_refuses_sample_without_a_needed_modality(fitted, category):
+    from dataclasses import replace
+
+    s = category.samples("test")[0]
+    with pytest.raises(DataError, match="needs"):
+        fitted.predict([replace(s, xyz=None)])
+
+
+def test_broken_validation_file_is_an_error_not_a_silent_holdout(tiny_root, tmp_path):
+    import shutil
+
+    from cmad.errors import DataError
+
+    ds = Dataset(tiny_root)
+    src = ds.category(ds.categories[0]).root
+    dst = tmp_path / src.name
+    shutil.copytree(src, dst)
+    png = sorted((dst / "validation" / "good" / "rgb").glob("*.png"))[0]
+    png.write_bytes(png.read_bytes()[:40])
+    with pytest.raises(DataError):
+        Detector(_cfg()).fit(Dataset(tmp_path).category(src.name), progress=False)
 
 
 @pytest.mark.parametrize("branch", ["rgb_bank", "xyz_bank"])

@@ -26,7 +26,13 @@ from tqdm.auto import tqdm
 from cmad.errors import ConfigError
 from cmad.features import FeatureMaps
 from cmad.model.calibrate import calibration_set
-from cmad.model.detector import Detector, DetectorConfig, _subset, select_shots
+from cmad.model.detector import (
+    Detector,
+    DetectorConfig,
+    _split_source,
+    _subset,
+    select_shots,
+)
 from cmad.types import Prepared
 
 log = logging.getLogger(__name__)
@@ -175,8 +181,7 @@ def load_category(data: Path, name: str, size: int, seed: int, cache_dir: Path |
     cfg = method_config("cmad", seed, size, base)
     det = Detector(cfg, cache_dir=cache_dir)
     t0 = time.perf_counter()
-    train_s = cat.samples("train")
-    val_s = cat.samples("validation")
+    train_s, val_s = _split_source(cat, seed)
     modalities = [m for m in ("rgb", "xyz") if getattr(train_s[0], m) is not None]
     det.extractor_for(modalities)
     train = det.prepare(train_s, progress)
@@ -329,8 +334,14 @@ def run_bench(
                desc="bench", disable=not progress)
     for c in cats:
         cd, ext = load_category(data, c, size, seed, cache_dir, progress, base)
+        have = {f"{mod}_features" for mod in cd.modalities}
         for m in methods:
             bar.set_postfix(category=c, method=m)
+            if not _needs(method_config(m, seed, size, base)) <= have:
+                log.warning("%s: skipping %s, which needs modalities this category lacks", c, m)
+                results["methods"][m]["categories"][c] = {k: float("nan") for k in METRICS}
+                bar.update(1)
+                continue
             row, det, preds = run_method(m, cd, seed, size, ext, base=base)
             res = results["methods"][m]
             res["categories"][c] = row["metrics"]
@@ -342,7 +353,8 @@ def run_bench(
             bar.update(1)
         for k in shots or []:
             for m in SHOT_METHODS:
-                if m not in METHODS:
+                if not _needs(method_config(m, seed, size, base)) <= have:
+                    bar.update(1)
                     continue
                 bar.set_postfix(category=c, method=f"{m}@{k}")
                 row, _, _ = run_method(m, cd, seed, size, ext, shots=k, base=base)
@@ -354,6 +366,8 @@ def run_bench(
         res = results["methods"][m]
         rows = per_method_eff[m]
         res["mean"] = _mean(list(res["categories"].values()))
+        if not rows:
+            continue
         stages = sorted({k for r in rows for k in r["stages_ms"]})
         res["fit_s"] = float(np.mean([r["fit_s"] for r in rows]))
         res["method_fit_s"] = float(np.mean([r["method_fit_s"] for r in rows]))

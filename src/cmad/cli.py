@@ -46,7 +46,7 @@ def info(
 
     try:
         result = dataset_info(data)
-    except CmadError as exc:
+    except (CmadError, OSError) as exc:
         _fail(exc)
     if as_json:
         _print_json(result)
@@ -78,7 +78,7 @@ def synth(
         if montage is not None:
             synth_mod.montage(root, montage)
             typer.echo(f"montage: {montage}")
-    except (CmadError, ValueError) as exc:
+    except (CmadError, OSError, ValueError) as exc:
         _fail(exc)
 
 
@@ -99,7 +99,7 @@ def features(
     try:
         result = time_features(data, category, limit=limit, size=size, runtime=runtime,
                                threads=threads, progress=not as_json)
-    except CmadError as exc:
+    except (CmadError, OSError) as exc:
         _fail(exc)
     if as_json:
         _print_json(result)
@@ -138,7 +138,7 @@ def fit(
         det = Detector(cfg, cache_dir=cache).fit(Dataset(data).category(category), shots=shots,
                                                  progress=not quiet)
         det.save(out)
-    except CmadError as exc:
+    except (CmadError, OSError) as exc:
         _fail(exc)
     r = det.report
     typer.echo(f"fitted {category} on {r.n_train} train / {r.n_val} validation samples in "
@@ -159,6 +159,8 @@ def evaluate(
 ) -> None:
     """Full metric set on the test split (maps at original image size by default)."""
     _setup(quiet=as_json, threads=threads)
+    if resolution not in ("original", "working"):
+        _fail(CmadError(f"--resolution must be 'original' or 'working', got {resolution!r}"))
     from cmad.data.mvtec3d import Dataset
     from cmad.evaluate import evaluate_predictions, export_maps
     from cmad.model.detector import Detector
@@ -173,7 +175,7 @@ def evaluate(
         ev = evaluate_predictions(category, preds, gts, resolution=resolution)
         if maps is not None:
             export_maps(maps, category, preds)
-    except CmadError as exc:
+    except (CmadError, OSError) as exc:
         _fail(exc)
     if as_json:
         _print_json(ev.to_dict())
@@ -204,7 +206,7 @@ def predict(
         samples = collect_inputs(rgb=rgb, xyz=xyz, input_dir=input_dir, modalities=det.modalities)
         preds = det.predict(samples, progress=not quiet)
         path = write_outputs(out, samples, preds, threshold=det.threshold)
-    except CmadError as exc:
+    except (CmadError, OSError) as exc:
         _fail(exc)
     for s, p in zip(samples, preds):
         flag = "ANOMALOUS" if p.score > det.threshold else "normal"
@@ -230,14 +232,18 @@ def bench(
     from cmad.bench import run_bench
 
     try:
+        shot_list = [int(x) for x in shots.split(",")] if shots else None
+    except ValueError:
+        _fail(CmadError(f"--shots: {shots!r} is not a comma-separated list of integers"))
+    try:
         res = run_bench(
             data, out,
             categories=[c.strip() for c in categories.split(",")] if categories else None,
             methods=[m.strip() for m in methods.split(",")] if methods else None,
-            shots=[int(s) for s in shots.split(",")] if shots else None,
+            shots=shot_list,
             size=resolution, cache_dir=cache, seed=seed, threads=threads, progress=not quiet,
         )
-    except CmadError as exc:
+    except (CmadError, OSError) as exc:
         _fail(exc)
     typer.echo(res.summary)
 
@@ -255,7 +261,7 @@ def demo(
 
     try:
         res = run_demo(out, size=size, seed=seed, threads=threads)
-    except CmadError as exc:
+    except (CmadError, OSError) as exc:
         _fail(exc)
     typer.echo(res.summary)
 

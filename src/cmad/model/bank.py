@@ -61,6 +61,8 @@ def nearest_distance(
         raise ValueError("the memory bank is empty")
     out = torch.empty(queries.shape[0], dtype=torch.float32)
     bank = bank.float()
+    # keep the (chunk x bank) distance block near 256 MB however large the bank is
+    chunk = max(1, min(chunk, (1 << 26) // max(bank.shape[0], 1)))
     bank_sq = (bank * bank).sum(1)
     for s in range(0, queries.shape[0], chunk):
         q = queries[s : s + chunk].float()

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from cmad import __version__
-from cmad.errors import ConfigError, ModelFormatError
+from cmad.errors import ConfigError, DataError, ModelFormatError
 from cmad.features import ExtractorConfig, FeatureExtractor, FeatureMaps
 from cmad.model.align import AlignConfig, CrossModalAlignment
 from cmad.model.bank import MemoryBank
@@ -39,6 +39,7 @@ from cmad.types import Prediction, Prepared, Sample
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+ALIGN_DEFAULTS: dict[str, Any] = {"variant": "latent", "hidden": 64}
 BRANCHES = ("align", "joint_bank", "rgb_bank", "xyz_bank", "concat_bank")
 RGB_BRANCHES = {"align", "joint_bank", "rgb_bank", "concat_bank"}
 XYZ_BRANCHES = {"align", "joint_bank", "xyz_bank", "concat_bank"}
@@ -70,9 +71,22 @@ class DetectorConfig:
     preprocess: dict[str, Any] = field(default_factory=dict)
     rgb: dict[str, Any] = field(default_factory=dict)
     xyz: dict[str, Any] = field(default_factory=dict)
-    align: dict[str, Any] = field(default_factory=lambda: {"variant": "latent", "hidden": 64})
+    align: dict[str, Any] = field(default_factory=lambda: dict(ALIGN_DEFAULTS))
 
     def __post_init__(self) -> None:
+        self.align = {**ALIGN_DEFAULTS, **(self.align or {})}
+        unknown = set(self.align) - {f.name for f in fields(AlignConfig)}
+        if unknown:
+            raise ConfigError(f"unknown align keys {sorted(unknown)}; known: "
+                              f"{sorted(f.name for f in fields(AlignConfig))}")
+        if self.score_mode not in ("max", "topk"):
+            raise ConfigError(f"score_mode must be 'max' or 'topk', got {self.score_mode!r}")
+        for name in ("bank_fraction", "joint_fraction", "concat_fraction"):
+            v = getattr(self, name)
+            if not 0.0 < v <= 1.0:
+                raise ConfigError(f"{name} must be in (0, 1], got {v}")
+        if self.sigma < 0:
+            raise ConfigError(f"sigma must be >= 0, got {self.sigma}")
         self.branches = tuple(self.branches)
         self.align_app, self.align_geo = tuple(self.align_app), tuple(self.align_geo)
         for name, parts, allowed in (("align_app", self.align_app, ("rgb", "colour")),
@@ -182,6 +196,10 @@ class Detector:
 
     def extractor_for(self, modalities: Iterable[str]) -> FeatureExtractor:
         mods = set(modalities)
+        ext = self._extractor
+        if ext is not None and ((ext.rgb is not None) != ("rgb" in mods)
+                                or (ext.xyz is not None) != ("xyz" in mods)):
+            self._extractor = None
         if self._extractor is None:
             cfg = ExtractorConfig(use_rgb="rgb" in mods, use_xyz="xyz" in mods,
                                   rgb=dict(self.config.rgb), xyz=dict(self.config.xyz))
@@ -269,6 +287,7 @@ class Detector:
         defects (label 1, gt set); only the normal ones give the normalisation statistics."""
         self.modalities = list(modalities)
         self.branches = self._active_branches(modalities)
+        self.banks, self.align, self.norm = {}, None, {}
         cfg = self.config
         labels = np.array([p.label for p in calib])
         normal = torch.from_numpy(labels == 0)
@@ -316,6 +335,8 @@ class Detector:
             )
             self.weights, single = choose_weights(maps, gt_patch, calib_fm.image, labels)
             self.report.single_branch_criterion = single
+        if not any(self.weights.values()):
+            raise ConfigError(f"all active branches {list(self.branches)} have weight 0")
         self.report.weights = dict(self.weights)
         val_pix = upsample(combine(_subset_maps(maps, normal), self.weights), cfg.size, cfg.sigma)
         val_area = np.stack([_pixel_area(p) for p, n in zip(calib, normal.tolist()) if n])
@@ -384,8 +405,9 @@ class Detector:
         size = self.config.size
         pix = upsample(fused, size, self.config.sigma)
         area = np.stack([_pixel_area(p) for p in prepared])
-        floor = float(min(0.0, pix.min()))
-        pix = np.where(area, pix, floor).astype(np.float32)
+        floor = np.array([min(0.0, float(m[a].min())) if a.any() else 0.0
+                          for m, a in zip(pix, area)], dtype=np.float32)
+        pix = np.where(area, pix, floor[:, None, None]).astype(np.float32)
         scores = image_scores(pix, area, self.config.score_mode, self.config.topk)
         branch_pix = ({b: upsample(m, size, self.config.sigma) for b, m in maps.items()}
                       if branch_maps else {})
@@ -406,8 +428,10 @@ class Detector:
         """Score samples at their original resolution (maps at original size)."""
         if not self.branches:
             raise RuntimeError("the detector has not been fitted or loaded")
+        self._check_modalities(samples)
         out: list[Prediction] = []
         stages: dict[str, float] = {}
+        self.timings_ms = {}
         bs = self.config.batch_size
         for s in tqdm(range(0, len(samples), bs), desc="predict", leave=False, disable=not progress):
             chunk = samples[s : s + bs]
@@ -416,10 +440,19 @@ class Detector:
             t_prep = (time.perf_counter() - t) * 1000.0 / len(chunk)
             fm = self.extractor.extract(prep)
             out.extend(self.predict_features(fm, prep, branch_maps=branch_maps))
-            for k, v in {"preprocess": t_prep, **fm.timings_ms, **self.timings_ms}.items():
+            own = {k: v for k, v in self.timings_ms.items()
+                   if k in ("alignment", "bank_search", "fusion")}
+            for k, v in {"preprocess": t_prep, **fm.timings_ms, **own}.items():
                 stages[k] = stages.get(k, 0.0) + v * len(chunk)
         self.timings_ms = {k: v / max(len(samples), 1) for k, v in stages.items()}
         return out
+
+    def _check_modalities(self, samples: Sequence[Sample]) -> None:
+        for smp in samples:
+            have = _modalities(smp)
+            if not set(self.modalities) <= set(have):
+                raise DataError(smp.paths.rgb or smp.paths.xyz,
+                                f"the model needs {self.modalities}; this sample has {have}")
 
     # ---------------------------------------------------------------- persistence
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -477,6 +510,8 @@ class Detector:
             meta = json.loads(cfg_path.read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise ModelFormatError(cfg_path, f"unreadable model config: {exc}") from exc
+        if not isinstance(meta, dict):
+            raise ModelFormatError(cfg_path, "model config is not a JSON object")
         version = meta.get("format_version")
         if version != FORMAT_VERSION:
             raise ModelFormatError(
@@ -486,9 +521,14 @@ class Detector:
             tensors = load_file(str(ten_path))
         except (SafetensorError, OSError, ValueError) as exc:
             raise ModelFormatError(ten_path, f"truncated or corrupt tensor file: {exc}") from exc
-        det = cls(DetectorConfig.from_dict(meta["config"]), cache_dir=cache_dir,
-                  rgb_runtime=rgb_runtime)
-        det.modalities = list(meta["modalities"])
+        try:
+            det = cls(DetectorConfig.from_dict(meta["config"]), cache_dir=cache_dir,
+                      rgb_runtime=rgb_runtime)
+            det.modalities = list(meta["modalities"])
+            for key in ("branches", "norm", "weights", "concat_scale", "bank_params", "extractor"):
+                meta[key]  # noqa: B018 - presence check
+        except (KeyError, TypeError, ConfigError) as exc:
+            raise ModelFormatError(cfg_path, f"missing or bad field in model config: {exc}") from exc
         ext = det.extractor_for(det.modalities)
         if json.dumps(ext.identity(), sort_keys=True, default=str) != json.dumps(
                 meta["extractor"], sort_keys=True, default=str):
@@ -567,15 +607,13 @@ def select_shots(train: list, shots: int | None, seed: int) -> list:
 def _split_source(source: Any, seed: int) -> tuple[list[Sample], list[Sample]]:
     if hasattr(source, "samples") and callable(source.samples):
         train = source.samples("train")
-        try:
-            val = source.samples("validation")
-        except Exception:  # no validation split: hold out part of train below
-            val = []
+        has_val = "validation" in getattr(source, "splits", ["validation"])
+        val = source.samples("validation") if has_val else []
     else:
         items = list(source)
         if not items or not all(isinstance(s, Sample) for s in items):
             raise ConfigError("fit() takes a cmad.data Category or a non-empty list of Sample")
-        train = [s for s in items if s.split != "validation"]
+        train = [s for s in items if s.split != "validation" and s.label == 0]
         val = [s for s in items if s.split == "validation"]
     if not val and len(train) >= 2:
         rng = np.random.default_rng(seed)
