@@ -128,3 +128,19 @@ def test_bench_on_mvtec_shaped_fixture(mvtec_like_root, tmp_path):
     # each run writes a new folder: a second run into the same one is refused
     r2 = _run("bench", "--data", mvtec_like_root, "--out", out, "--resolution", 64, "--quiet")
     assert r2.exit_code == 2
+
+
+def test_bench_on_rgb_only_category_skips_3d_methods(tmp_path):
+    from fixture_mvtec import make_mvtec_like_tree
+
+    make_mvtec_like_tree(tmp_path / "data", size=(120, 160), modalities=("rgb",), n_train=3,
+                         n_validation=2)
+    out = tmp_path / "report"
+    r = _run("bench", "--data", tmp_path / "data", "--out", out, "--resolution", 64,
+             "--methods", "cmad,rgb-bank,xyz-bank", "--cache", tmp_path / "cache", "--quiet")
+    assert r.exit_code == 0, r.output
+    res = json.loads((out / "results.json").read_text())
+    assert res["methods"]["rgb-bank"]["categories"]["tire_like"]["I-AUROC"] is not None
+    # cmad runs the branch the data allows (its RGB bank); the 3D bank cannot run at all
+    assert res["methods"]["cmad"]["weights"]["tire_like"] == {"rgb_bank": 1.0}
+    assert res["methods"]["xyz-bank"]["categories"]["tire_like"]["I-AUROC"] is None  # NaN -> null

@@ -27,6 +27,8 @@ from cmad.errors import ConfigError
 from cmad.features import FeatureMaps
 from cmad.model.calibrate import calibration_set
 from cmad.model.detector import (
+    RGB_BRANCHES,
+    XYZ_BRANCHES,
     Detector,
     DetectorConfig,
     _split_source,
@@ -128,6 +130,12 @@ def method_config(name: str, seed: int, size: int, base: DetectorConfig | None =
     d.update(METHODS[name][0])
     d.update(seed=seed, size=size)
     return DetectorConfig.from_dict(d)
+
+
+def _runnable(cfg: DetectorConfig, modalities: Sequence[str]) -> bool:
+    """True if at least one of the method's branches can run on these modalities."""
+    return any((b not in RGB_BRANCHES or "rgb" in modalities)
+               and (b not in XYZ_BRANCHES or "xyz" in modalities) for b in cfg.branches)
 
 
 def _needs(cfg: DetectorConfig) -> set[str]:
@@ -265,7 +273,12 @@ def run_method(name: str, cd: CategoryData, seed: int, size: int, extractor_det:
 
 
 def _mean(rows: list[dict]) -> dict:
-    return {m: float(np.nanmean([r[m] for r in rows])) for m in METRICS}
+    """Mean over categories, ignoring categories a method could not run on (NaN)."""
+    out = {}
+    for m in METRICS:
+        vals = [r[m] for r in rows if r[m] is not None and np.isfinite(r[m])]
+        out[m] = float(np.mean(vals)) if vals else float("nan")
+    return out
 
 
 def _panels(cd: CategoryData, preds: list, per_type: int = 2) -> list[dict]:
@@ -334,10 +347,9 @@ def run_bench(
                desc="bench", disable=not progress)
     for c in cats:
         cd, ext = load_category(data, c, size, seed, cache_dir, progress, base)
-        have = {f"{mod}_features" for mod in cd.modalities}
         for m in methods:
             bar.set_postfix(category=c, method=m)
-            if not _needs(method_config(m, seed, size, base)) <= have:
+            if not _runnable(method_config(m, seed, size, base), cd.modalities):
                 log.warning("%s: skipping %s, which needs modalities this category lacks", c, m)
                 results["methods"][m]["categories"][c] = {k: float("nan") for k in METRICS}
                 bar.update(1)
@@ -353,7 +365,7 @@ def run_bench(
             bar.update(1)
         for k in shots or []:
             for m in SHOT_METHODS:
-                if not _needs(method_config(m, seed, size, base)) <= have:
+                if not _runnable(method_config(m, seed, size, base), cd.modalities):
                     bar.update(1)
                     continue
                 bar.set_postfix(category=c, method=f"{m}@{k}")
