@@ -130,13 +130,14 @@ def fit(
 ) -> None:
     """Fit a detector on the normal training (and validation) samples of a category."""
     _setup(quiet, threads)
+    from cmad.bench import default_cache_dir
     from cmad.data.mvtec3d import Dataset
     from cmad.model.detector import Detector
 
     try:
         cfg = _load_config(config, {"seed": seed})
-        det = Detector(cfg, cache_dir=cache).fit(Dataset(data).category(category), shots=shots,
-                                                 progress=not quiet)
+        det = Detector(cfg, cache_dir=cache or default_cache_dir())
+        det.fit(Dataset(data).category(category), shots=shots, progress=not quiet)
         det.save(out)
     except (CmadError, OSError) as exc:
         _fail(exc)
@@ -161,12 +162,13 @@ def evaluate(
     _setup(quiet=as_json, threads=threads)
     if resolution not in ("original", "working"):
         _fail(CmadError(f"--resolution must be 'original' or 'working', got {resolution!r}"))
+    from cmad.bench import default_cache_dir
     from cmad.data.mvtec3d import Dataset
     from cmad.evaluate import evaluate_predictions, export_maps
     from cmad.model.detector import Detector
 
     try:
-        det = Detector.load(model, cache_dir=cache)
+        det = Detector.load(model, cache_dir=cache or default_cache_dir())
         test = Dataset(data).category(category).samples("test")
         preds = det.predict(test, progress=not as_json)
         gts = [s.gt for s in test]
