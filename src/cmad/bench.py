@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cmad.errors import ConfigError
-from cmad.features import FeatureMaps
+from cmad.features import FeatureExtractor, FeatureMaps
 from cmad.model.calibrate import calibration_set
 from cmad.model.detector import (
     RGB_BRANCHES,
@@ -165,14 +165,12 @@ class CategoryData:
     shared_fit_s: float
 
 
-def _extract_timed(det: Detector, prepared: Sequence[Prepared], desc: str, progress: bool,
-                   per_sample: bool = False) -> tuple[FeatureMaps, dict[str, list[float]]]:
-    """Features of `prepared`; with per_sample, one at a time to time each stage."""
-    if not per_sample:
-        return det.features(prepared, progress, desc=desc), {}
+def _timed_features(ext: FeatureExtractor, prepared: Sequence[Prepared], desc: str,
+                    progress: bool) -> tuple[FeatureMaps, dict[str, list[float]]]:
+    """Features one sample at a time, uncached, with each sample's ms per stage."""
     parts, times = [], {"rgb_features": [], "xyz_features": []}
     for p in tqdm(prepared, desc=desc, leave=False, disable=not progress):
-        fm = det.extractor.extract([p], prep_digest=None)
+        fm = ext.extract([p], prep_digest=None)
         for k in times:
             times[k].append(fm.timings_ms.get(k, 0.0))
         parts.append(fm)
@@ -210,7 +208,7 @@ def load_category(data: Path, name: str, size: int, seed: int, cache_dir: Path |
         prep_ms.append((time.perf_counter() - t) * 1000.0)
     # warm-up (compilation, allocator), then time each test sample's features
     det.extractor.extract(test[:1], prep_digest=None)
-    test_fm, times = _extract_timed(det, test, f"{name} test features", progress, per_sample=True)
+    test_fm, times = _timed_features(det.extractor, test, f"{name} test features", progress)
     shared_ms = {"preprocess": float(np.median(prep_ms))}
     shared_ms.update({k: float(np.median(v)) for k, v in times.items()})
     gts = [s.gt for s in test_s]
@@ -426,11 +424,7 @@ def time_features(data: Path, category: str, limit: int = 30, size: int = 224,
     t = time.perf_counter()
     first = ext.extract(prepared[:1])
     first_ms = (time.perf_counter() - t) * 1000.0
-    times: dict[str, list[float]] = {"rgb_features": [], "xyz_features": []}
-    for p in tqdm(prepared[1:], desc="features", disable=not progress):
-        fm = ext.extract([p])
-        for k in times:
-            times[k].append(fm.timings_ms.get(k, 0.0))
+    _, times = _timed_features(ext, prepared[1:], "features", progress)
     return {
         "category": category, "n": len(prepared) - 1, "size": size, "threads": threads,
         "runtime": runtime,
