@@ -70,6 +70,15 @@ class Geometry:
     def side(self) -> int:
         return max(self.orig_h, self.orig_w)
 
+    def image_mask(self, h: int, w: int) -> np.ndarray:
+        """bool (h, w): cells of an h x w grid over the working square whose centre lies
+        inside the original image (not in the padding). h = w = size gives pixels."""
+        ys = (np.arange(h) + 0.5) * self.side / h
+        xs = (np.arange(w) + 0.5) * self.side / w
+        iny = (ys >= self.pad_top) & (ys < self.pad_top + self.orig_h)
+        inx = (xs >= self.pad_left) & (xs < self.pad_left + self.orig_w)
+        return iny[:, None] & inx[None, :]
+
 
 @dataclass(frozen=True)
 class Prepared:

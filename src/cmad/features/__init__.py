@@ -88,7 +88,7 @@ class FeatureMaps:
         )
 
 
-def _pool_cells(arr: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+def pool_cells(arr: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
     """Mean of (S, S, C) over the cells of an (h, w) grid -> (h, w, C)."""
     s = arr.shape[0]
     h, w = grid
@@ -98,8 +98,8 @@ def _pool_cells(arr: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
 def colour_stats(rgb: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
     """(6, h, w): per-patch mean and standard deviation of R, G, B in [0, 1]."""
     x = rgb.astype(np.float32) / 255.0
-    mean = _pool_cells(x, grid)
-    sq = _pool_cells(x * x, grid)
+    mean = pool_cells(x, grid)
+    sq = pool_cells(x * x, grid)
     std = np.sqrt(np.clip(sq - mean * mean, 0.0, None))
     return np.concatenate([mean, std], axis=2).transpose(2, 0, 1).astype(np.float32)
 
@@ -108,8 +108,8 @@ def geometry_context(xyz: np.ndarray, foreground: np.ndarray, grid: tuple[int, i
     """(3, h, w): height over the part's median depth (mm), radial position, slope."""
     h, w = grid
     fg = foreground.astype(np.float32)[..., None]
-    count = _pool_cells(fg, grid)[..., 0]
-    sums = _pool_cells(xyz * fg, grid)
+    count = pool_cells(fg, grid)[..., 0]
+    sums = pool_cells(xyz * fg, grid)
     has = count > 0
     mean = np.where(has[..., None], sums / np.maximum(count, 1e-9)[..., None], 0.0)
     out = np.zeros((3, h, w), dtype=np.float32)
@@ -244,7 +244,7 @@ class FeatureExtractor:
             colour = torch.from_numpy(np.stack([colour_stats(p.rgb, grid) for p in batch]))
         t1 = time.perf_counter()
         image = torch.from_numpy(
-            np.stack([_image_area(p, grid) for p in batch])
+            np.stack([p.geometry.image_mask(*grid) for p in batch])
         )
         if self.xyz is not None:
             if any(p.xyz is None for p in batch):
@@ -260,7 +260,7 @@ class FeatureExtractor:
                 np.stack([geometry_context(p.xyz, p.foreground, grid) for p in batch])
             )
         else:
-            fg = np.stack([_pool_cells(p.foreground.astype(np.float32)[..., None], grid)[..., 0]
+            fg = np.stack([pool_cells(p.foreground.astype(np.float32)[..., None], grid)[..., 0]
                            for p in batch])
             valid = torch.from_numpy(fg >= self.cfg.min_foreground)
         t2 = time.perf_counter()
@@ -268,18 +268,6 @@ class FeatureExtractor:
         timings["rgb_features"] = (t1 - t0) * 1000.0 / n
         timings["xyz_features"] = (t2 - t1) * 1000.0 / n
         return FeatureMaps(rgb, xyz, colour, context, valid, image, timings)
-
-
-def _image_area(p: Prepared, grid: tuple[int, int]) -> np.ndarray:
-    """Patches whose centre lies inside the original image (not in the padding)."""
-    g = p.geometry
-    h, w = grid
-    side = g.side
-    ys = (np.arange(h) + 0.5) * side / h
-    xs = (np.arange(w) + 0.5) * side / w
-    iny = (ys >= g.pad_top) & (ys < g.pad_top + g.orig_h)
-    inx = (xs >= g.pad_left) & (xs < g.pad_left + g.orig_w)
-    return iny[:, None] & inx[None, :]
 
 
 def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from cmad import __version__
 from cmad.errors import ConfigError, DataError, ModelFormatError
-from cmad.features import ExtractorConfig, FeatureExtractor, FeatureMaps
+from cmad.features import ExtractorConfig, FeatureExtractor, FeatureMaps, pool_cells
 from cmad.model.align import AlignConfig, CrossModalAlignment
 from cmad.model.bank import MemoryBank
 from cmad.model.calibrate import calibration_set
@@ -339,7 +339,7 @@ class Detector:
             raise ConfigError(f"all active branches {list(self.branches)} have weight 0")
         self.report.weights = dict(self.weights)
         val_pix = upsample(combine(_subset_maps(maps, normal), self.weights), cfg.size, cfg.sigma)
-        val_area = np.stack([_pixel_area(p) for p, n in zip(calib, normal.tolist()) if n])
+        val_area = _pixel_masks([p for p, n in zip(calib, normal.tolist()) if n])
         self.threshold = float(image_scores(val_pix, val_area, cfg.score_mode, cfg.topk).max())
         self.report.bank_entries = {b: bank.entries for b, bank in self.banks.items()}
         return self
@@ -404,7 +404,7 @@ class Detector:
         fused = combine(maps, self.weights)
         size = self.config.size
         pix = upsample(fused, size, self.config.sigma)
-        area = np.stack([_pixel_area(p) for p in prepared])
+        area = _pixel_masks(prepared)
         floor = np.array([min(0.0, float(m[a].min())) if a.any() else 0.0
                           for m, a in zip(pix, area)], dtype=np.float32)
         pix = np.where(area, pix, floor[:, None, None]).astype(np.float32)
@@ -573,22 +573,12 @@ def _subset_maps(maps: dict[str, torch.Tensor], keep: torch.Tensor) -> dict[str,
 
 def _patch_gt(gt: np.ndarray, grid: tuple[int, int], min_share: float = 0.25) -> np.ndarray:
     """A patch is defective when at least `min_share` of its pixels are."""
-    s = gt.shape[0]
-    h, w = grid
-    share = gt.astype(np.float32).reshape(h, s // h, w, s // w).mean(axis=(1, 3))
-    return share >= min_share
+    return pool_cells(gt.astype(np.float32)[..., None], grid)[..., 0] >= min_share
 
 
-def _pixel_area(p: Prepared) -> np.ndarray:
-    """Working-resolution pixels inside the original image (not padding)."""
-    g = p.geometry
-    s = g.size
-    side = g.side
-    ys = (np.arange(s) + 0.5) * side / s
-    xs = (np.arange(s) + 0.5) * side / s
-    iny = (ys >= g.pad_top) & (ys < g.pad_top + g.orig_h)
-    inx = (xs >= g.pad_left) & (xs < g.pad_left + g.orig_w)
-    return iny[:, None] & inx[None, :]
+def _pixel_masks(prepared: Sequence[Prepared]) -> np.ndarray:
+    """(B, S, S) working-resolution pixels inside each original image (not padding)."""
+    return np.stack([p.geometry.image_mask(p.geometry.size, p.geometry.size) for p in prepared])
 
 
 def select_shots(train: list, shots: int | None, seed: int) -> list:
