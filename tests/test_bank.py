@@ -40,3 +40,61 @@ def test_bank_rejects_bad_fraction():
         MemoryBank(fraction=0.0)
     with pytest.raises(RuntimeError):
         MemoryBank().score(torch.zeros(1, 3))
+
+
+def test_int8_bank_is_a_quarter_and_scores_like_float32():
+    g = torch.Generator().manual_seed(4)
+    normal = torch.randn(3000, 48, generator=g) * torch.linspace(0.1, 3.0, 48)
+    queries = torch.randn(400, 48, generator=g) * torch.linspace(0.1, 3.0, 48)
+    kw = dict(fraction=0.05, max_entries=None, seed=0, min_entries=0)
+    full = MemoryBank(dtype="float32", **kw).fit(normal)
+    small = MemoryBank(dtype="int8", **kw).fit(normal)
+    # same coreset, one byte per value plus a low and a step per dimension
+    assert small.entries == full.entries == 150
+    assert small.nbytes == 150 * 48 + 2 * 48 * 4
+    assert small.stored["codes"].dtype == torch.uint8
+    # the dequantised entries are within half a step of the float32 ones
+    step = small.stored["step"]
+    assert ((small.bank - full.bank).abs() <= step / 2 + 1e-6).all()
+    a, b = full.score(queries), small.score(queries)
+    assert (a - b).abs().max() < 0.02 * a.mean()
+    assert torch.corrcoef(torch.stack([a, b]))[0, 1] > 0.999
+
+
+def test_bank_state_round_trip_per_dtype():
+    g = torch.Generator().manual_seed(5)
+    normal = torch.randn(1000, 8, generator=g)
+    q = torch.randn(50, 8, generator=g)
+    for dtype in ("float32", "float16", "int8", "int4"):
+        bank = MemoryBank(fraction=0.1, max_entries=None, min_entries=0, dtype=dtype).fit(normal)
+        again = MemoryBank()
+        again.load_state_dict(bank.state_dict())
+        assert again.dtype == dtype
+        assert torch.equal(again.score(q), bank.score(q))
+        assert again.nbytes == bank.nbytes
+    with pytest.raises(ValueError, match="dtype"):
+        MemoryBank(dtype="int2")
+    with pytest.raises(KeyError, match="low"):
+        MemoryBank().load_state_dict({"codes": torch.zeros(2, 2, dtype=torch.uint8)})
+
+
+def test_constant_dimension_quantises_exactly():
+    x = torch.randn(100, 3)
+    x[:, 1] = 2.5
+    bank = MemoryBank(fraction=0.5, max_entries=None, min_entries=0, dtype="int8").fit(x)
+    assert torch.all(bank.bank[:, 1] == 2.5)
+
+
+@pytest.mark.parametrize("dims", [7, 8])
+def test_int4_codes_pack_two_per_byte(dims: int) -> None:
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(500, dims, generator=g)
+    bank = MemoryBank(fraction=0.2, max_entries=None, min_entries=0, dtype="int4").fit(x)
+    ref = MemoryBank(fraction=0.2, max_entries=None, min_entries=0).fit(x)
+    assert bank.stored["codes"].shape == (100, (dims + 1) // 2)
+    assert bank.nbytes == 100 * ((dims + 1) // 2) + 2 * dims * 4
+    step = bank.stored["step"]
+    assert ((bank.bank - ref.bank).abs() <= step / 2 + 1e-6).all()
+    # every one of the 16 levels is reachable: the extremes decode exactly
+    assert torch.allclose(bank.bank.min(0).values, ref.bank.min(0).values)
+    assert torch.allclose(bank.bank.max(0).values, ref.bank.max(0).values, atol=1e-5)

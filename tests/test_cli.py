@@ -120,9 +120,10 @@ def test_bench_on_mvtec_shaped_fixture(mvtec_like_root, tmp_path):
         assert set(row["categories"]["tire_like"]) >= {"I-AUROC", "P-AUROC", "AUPRO@30%",
                                                        "AUPRO@1%"}
         for k in ("fit_s", "infer_ms_per_sample", "stages_ms", "model_bytes", "bank_entries",
-                  "peak_rss_mb"):
+                  "bank_bytes", "peak_rss_mb"):
             assert k in row
         assert row["model_bytes"] > 0
+    assert 0 < res["methods"]["cmad"]["bank_bytes"] < res["methods"]["cmad"]["model_bytes"]
     assert (out / "index.html").exists()
     assert (out / "tables" / "i-auroc.md").exists()
     # each run writes a new folder: a second run into the same one is refused

@@ -198,3 +198,18 @@ def test_second_fit_reuses_cached_features(category, tmp_path, monkeypatch):
     computed = {k for batch in calls for k in batch}
     # training features come from the cache; only validation (with pasted defects) is computed
     assert not any("/train/" in k for k in computed), computed
+
+
+def test_weight_schemes() -> None:
+    from cmad.model.detector import scheme_weights
+
+    four = ("align", "joint_bank", "rgb_bank", "xyz_bank")
+    w = scheme_weights(four, "joint")
+    assert w["joint_bank"] == 0.5
+    assert all(abs(w[b] - 1 / 6) < 1e-12 for b in ("align", "rgb_bank", "xyz_bank"))
+    assert scheme_weights(four, "equal") == {b: 0.25 for b in four}
+    # without a joint bank, or with nothing beside it, "joint" is equal weighting
+    assert scheme_weights(("rgb_bank", "xyz_bank"), "joint") == {"rgb_bank": 0.5, "xyz_bank": 0.5}
+    assert scheme_weights(("joint_bank",), "joint") == {"joint_bank": 1.0}
+    with pytest.raises(ConfigError, match="weights must be one of"):
+        DetectorConfig(weights="half")

@@ -34,12 +34,14 @@ def _results() -> dict[str, Any]:
                      "per_defect": {"bagel": {"crack": _metrics(0.81), "hole": _metrics(0.93)}},
                      "fit_s": 12.5, "infer_ms_per_sample": 10.0,
                      "stages_ms": {"rgb features": 6.0, "bank search": 1.5},
-                     "model_bytes": 2_000_000, "bank_entries": 1500, "peak_rss_mb": 900.0},
+                     "model_bytes": 2_000_000, "bank_entries": 1500, "bank_bytes": 1_500_000,
+                     "peak_rss_mb": 900.0},
             "btf": {"categories": btf_cats, "mean": _metrics(0.8),
                     "per_defect": {"bagel": {"crack": _metrics(0.85), "hole": _metrics(0.95)}},
                     "fit_s": 30.0, "infer_ms_per_sample": 40.0,
                     "stages_ms": {"rgb features": 6.0, "fpfh": 20.0, "bank search": 14.0},
-                    "model_bytes": 50_000_000, "bank_entries": 90000, "peak_rss_mb": 1500.0},
+                    "model_bytes": 50_000_000, "bank_entries": 90000, "bank_bytes": 49_000_000,
+                    "peak_rss_mb": 1500.0},
         },
         "shots": {"5": {"cmad": {"categories": {"bagel": _metrics(0.7), "foam": _metrics(0.6)},
                                  "mean": _metrics(0.65)}}},
@@ -152,6 +154,8 @@ def test_efficiency_ratios(report: tuple[Path, Path]) -> None:
     assert body["btf"]["time vs btf"] == "1.00x"
     assert body["cmad"]["samples/s"] == "100"
     assert body["cmad"]["model size"] == "2.00 MB"
+    assert body["cmad"]["bank size"] == "1.50 MB"
+    assert body["cmad"]["banks vs btf"] == "0.03x"
     assert body["cmad"]["fpfh (ms)"] == "n/a"
     with open(out / "tables" / "efficiency.csv", newline="") as f:
         csv_rows = {r["method"]: r for r in csv.DictReader(f)}

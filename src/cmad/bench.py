@@ -43,31 +43,43 @@ METRICS = ("I-AUROC", "P-AUROC", "AUPRO@30%", "AUPRO@10%", "AUPRO@5%", "AUPRO@1%
 
 # name -> (config overrides, description)
 METHODS: dict[str, tuple[dict, str]] = {
-    "cmad": ({}, "full method: latent alignment + light joint bank + light RGB and FPFH banks"),
+    "cmad": ({}, "full method: latent alignment + light joint bank (half the weight) "
+                 "+ light RGB and FPFH banks, int4"),
     "align": ({"branches": ("align",)},
               "learned cross-modal alignment alone (shared latent, colour vs FPFH+context)"),
     "align-map": ({"branches": ("align",), "align": {"variant": "mapping", "hidden": 256},
                    "align_app": ("rgb", "colour")},
                   "CFM-style MLP mapping between CNN+colour and FPFH+context features, alone"),
     "joint-bank": ({"branches": ("joint_bank",)},
-                   "light joint RGB+FPFH bank alone (cross-modal co-occurrence)"),
+                   "light joint RGB+FPFH bank alone (cross-modal co-occurrence), 6% coreset, int4"),
     "rgb-bank": ({"branches": ("rgb_bank",)}, "light RGB memory bank alone"),
     "xyz-bank": ({"branches": ("xyz_bank",)}, "light FPFH memory bank alone"),
     "banks": ({"branches": ("rgb_bank", "xyz_bank")}, "both light per-modality banks"),
     "cross-modal": ({"branches": ("align", "joint_bank")}, "both cross-modal branches"),
+    "align+rgb": ({"branches": ("align", "rgb_bank")}, "alignment + RGB bank"),
+    "align+xyz": ({"branches": ("align", "xyz_bank")}, "alignment + FPFH bank"),
+    "joint+rgb": ({"branches": ("joint_bank", "rgb_bank")}, "joint bank + RGB bank"),
+    "joint+xyz": ({"branches": ("joint_bank", "xyz_bank")}, "joint bank + FPFH bank"),
     "cmad-no-align": ({"branches": ("joint_bank", "rgb_bank", "xyz_bank")},
                       "cmad without the learned alignment"),
     "cmad-no-joint": ({"branches": ("align", "rgb_bank", "xyz_bank")},
                       "cmad without the joint bank"),
+    "cmad-no-rgb": ({"branches": ("align", "joint_bank", "xyz_bank")}, "cmad without the RGB bank"),
+    "cmad-no-xyz": ({"branches": ("align", "joint_bank", "rgb_bank")}, "cmad without the FPFH bank"),
+    "cmad-equal": ({"weights": "equal"}, "cmad with equal branch weights (the joint bank a quarter)"),
     "cmad-auto": ({"weights": "auto"},
                   "cmad with weights chosen on validation normals with pasted defects"),
-    "btf": ({"branches": ("concat_bank",), "concat_fraction": 0.1, "float16": False},
-            "BTF baseline: RGB+FPFH concatenated, one bank, 10% coreset, float32"),
+    "btf": ({"branches": ("concat_bank",), "concat_fraction": 0.1, "bank_dtype": "float32"},
+            "BTF baseline: RGB+FPFH concatenated, one bank, 10% coreset (as in BTF's code), float32"),
     "full-banks": ({"branches": ("rgb_bank", "xyz_bank"), "bank_fraction": 1.0,
-                    "bank_max_entries": None, "bank_min_entries": 0, "float16": False},
+                    "bank_max_entries": None, "bank_min_entries": 0, "bank_dtype": "float32"},
                    "cmad's two per-modality banks at 100% (no coreset), float32"),
 }
-DEFAULT_METHODS = tuple(METHODS)
+# BTF with no coreset (the full bank): slow to search, so only on request (--methods)
+METHODS["btf-full"] = ({"branches": ("concat_bank",), "concat_fraction": 1.0, "bank_max_entries": None,
+                        "bank_min_entries": 0, "bank_dtype": "float32"},
+                       "BTF with its full bank (no coreset), float32")
+DEFAULT_METHODS = tuple(m for m in METHODS if m != "btf-full")
 SHOT_METHODS = ("cmad", "btf", "rgb-bank", "xyz-bank")
 PANEL_NAMES = {"align": "cross-modal", "rgb_bank": "rgb-bank", "xyz_bank": "3d-bank"}
 
@@ -264,6 +276,7 @@ def run_method(name: str, cd: CategoryData, seed: int, size: int, extractor_det:
         "model_bytes": int(disk),
         "tensor_bytes": det.model_bytes,
         "bank_entries": int(sum(b.entries for b in det.banks.values())),
+        "bank_bytes": int(sum(b.nbytes for b in det.banks.values())),
         "peak_rss_mb": mem.peak,
         "weights": det.weights,
     }
@@ -385,6 +398,7 @@ def run_bench(
         res["stages_ms"] = {s: float(np.mean([r["stages_ms"].get(s, 0.0) for r in rows])) for s in stages}
         res["model_bytes"] = int(np.mean([r["model_bytes"] for r in rows]))
         res["bank_entries"] = int(np.mean([r["bank_entries"] for r in rows]))
+        res["bank_bytes"] = int(np.mean([r.get("bank_bytes", 0) for r in rows]))
         res["peak_rss_mb"] = float(max(r["peak_rss_mb"] for r in rows))
         res["weights"] = {c: r["weights"] for c, r in zip(res["categories"], rows)}
     for k, by_method in shot_rows.items():

@@ -71,13 +71,51 @@ def nearest_distance(
     return out
 
 
+DTYPES = ("float32", "float16", "int8", "int4")
+
+
+def quantise(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-dimension affine quantisation of (K, C) rows to `bits` (8 or 4) bits.
+
+    Returns (codes uint8, low, step) with x ~= low + code * step, the error per value at
+    most step / 2. With 4 bits two codes share a byte (the row is padded to an even width).
+    """
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    levels = (1 << bits) - 1
+    x = x.float()
+    low = x.min(0).values
+    step = (x.max(0).values - low) / levels
+    step = torch.where(step > 0, step, torch.ones_like(step))
+    codes = torch.round((x - low) / step).clamp_(0, levels).to(torch.uint8)
+    if bits == 4:
+        if codes.shape[1] % 2:
+            codes = torch.cat([codes, torch.zeros_like(codes[:, :1])], 1)
+        codes = codes[:, 0::2] | (codes[:, 1::2] << 4)
+    return codes.contiguous(), low, step
+
+
+def dequantise(codes: torch.Tensor, low: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """Inverse of `quantise`; the bit width follows from the code width."""
+    c = low.shape[0]
+    if codes.shape[1] == c:
+        q = codes
+    elif codes.shape[1] == (c + 1) // 2:
+        q = torch.stack([codes & 0x0F, codes >> 4], 2).reshape(codes.shape[0], -1)[:, :c]
+    else:
+        raise ValueError(f"codes of width {codes.shape[1]} do not match {c} dimensions")
+    return (low.float()[None, :] + q.float() * step.float()[None, :]).contiguous()
+
+
 class MemoryBank:
     """A coreset of normal patch features with nearest-neighbour scoring.
 
     fraction: share of training patches kept (1.0 keeps all); max_entries caps the size.
     pca_dim: project features onto their top principal components (fitted on the training
         patches) before building the bank; None keeps all dimensions.
-    half: store the bank in float16 (distances are still computed in float32).
+    dtype: how the bank is stored: "float32", "float16", "int8" or "int4" (per-dimension
+        affine codes: a quarter or an eighth of float32). Distances are always computed in float32 on
+        the stored values, so a saved and reloaded bank scores exactly as the fitted one.
     """
 
     def __init__(
@@ -87,17 +125,20 @@ class MemoryBank:
         seed: int = 0,
         min_entries: int = 64,
         pca_dim: int | None = None,
-        half: bool = False,
+        dtype: str = "float32",
     ) -> None:
         if not 0.0 < fraction <= 1.0:
             raise ValueError(f"bank fraction must be in (0, 1], got {fraction}")
+        if dtype not in DTYPES:
+            raise ValueError(f"bank dtype must be one of {DTYPES}, got {dtype!r}")
         self.fraction = fraction
         self.max_entries = max_entries
         self.min_entries = min_entries
         self.seed = seed
         self.pca_dim = pca_dim
-        self.half = half
-        self.bank: torch.Tensor | None = None
+        self.dtype = dtype
+        self.stored: dict[str, torch.Tensor] = {}
+        self.bank: torch.Tensor | None = None  # float32 values used for search
         self.proj_mean: torch.Tensor | None = None
         self.proj: torch.Tensor | None = None
 
@@ -126,10 +167,25 @@ class MemoryBank:
         if self.max_entries is not None:
             k = min(k, self.max_entries)
         idx = greedy_coreset(x, k, seed=self.seed, progress=progress)
-        bank = x[idx].contiguous()
-        self.bank = bank.half() if self.half else bank
+        self._store(x[idx].contiguous())
         log.debug("memory bank: %d of %d patches (%d dims)", k, n, x.shape[1])
         return self
+
+    def _store(self, bank: torch.Tensor) -> None:
+        if self.dtype in ("int8", "int4"):
+            codes, low, step = quantise(bank, 8 if self.dtype == "int8" else 4)
+            self.stored = {"codes": codes, "low": low, "step": step}
+        elif self.dtype == "float16":
+            self.stored = {"bank": bank.half()}
+        else:
+            self.stored = {"bank": bank.float()}
+        self.bank = self._dense(self.stored)
+
+    @staticmethod
+    def _dense(stored: dict[str, torch.Tensor]) -> torch.Tensor:
+        if "codes" in stored:
+            return dequantise(stored["codes"], stored["low"], stored["step"])
+        return stored["bank"].float().contiguous()
 
     def score(self, queries: torch.Tensor) -> torch.Tensor:
         """Nearest-neighbour distance of each (M, C) query to the bank."""
@@ -140,13 +196,22 @@ class MemoryBank:
     def state_dict(self) -> dict[str, torch.Tensor]:
         if self.bank is None:
             raise RuntimeError("MemoryBank has not been fitted")
-        out = {"bank": self.bank}
+        out = dict(self.stored)
         if self.proj is not None and self.proj_mean is not None:
             out.update(proj=self.proj, proj_mean=self.proj_mean)
         return out
 
     def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
-        self.bank = sd["bank"]
+        if "codes" in sd:
+            missing = {"low", "step"} - set(sd)
+            if missing:
+                raise KeyError(f"quantised bank without {sorted(missing)}")
+            self.stored = {k: sd[k] for k in ("codes", "low", "step")}
+            self.dtype = "int8" if sd["codes"].shape[1] == sd["low"].shape[0] else "int4"
+        else:
+            self.stored = {"bank": sd["bank"]}
+            self.dtype = "float16" if sd["bank"].dtype == torch.float16 else "float32"
+        self.bank = self._dense(self.stored)
         self.proj = sd.get("proj")
         self.proj_mean = sd.get("proj_mean")
 
@@ -156,4 +221,5 @@ class MemoryBank:
 
     @property
     def nbytes(self) -> int:
-        return 0 if self.bank is None else int(self.bank.numel() * self.bank.element_size())
+        """Bytes stored (codes and their scales for int8)."""
+        return int(sum(v.numel() * v.element_size() for v in self.stored.values()))

@@ -24,6 +24,7 @@ from cmad import __version__
 from cmad.errors import ConfigError, DataError, ModelFormatError
 from cmad.features import ExtractorConfig, FeatureExtractor, FeatureMaps, pool_cells
 from cmad.model.align import AlignConfig, CrossModalAlignment
+from cmad.model.bank import DTYPES as BANK_DTYPES
 from cmad.model.bank import MemoryBank
 from cmad.model.calibrate import calibration_set
 from cmad.model.fusion import (
@@ -38,12 +39,24 @@ from cmad.types import Prediction, Prepared, Sample
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 ALIGN_DEFAULTS: dict[str, Any] = {"variant": "latent", "hidden": 64}
 BRANCHES = ("align", "joint_bank", "rgb_bank", "xyz_bank", "concat_bank")
 RGB_BRANCHES = {"align", "joint_bank", "rgb_bank", "concat_bank"}
 XYZ_BRANCHES = {"align", "joint_bank", "xyz_bank", "concat_bank"}
 JOINT_BRANCHES = ("joint_bank", "concat_bank")
+# equal: every active branch the same weight; joint: the joint bank half, the others share
+# the other half equally (equal when there is no joint bank); auto: chosen on pasted defects
+WEIGHT_SCHEMES = ("joint", "equal", "auto")
+
+
+def scheme_weights(branches: Sequence[str], scheme: str) -> dict[str, float]:
+    """Fixed fusion weights (summing to 1) of the active branches for 'equal' or 'joint'."""
+    joint = [b for b in branches if b in JOINT_BRANCHES]
+    if scheme == "joint" and joint and len(joint) < len(branches):
+        rest = len(branches) - len(joint)
+        return {b: (0.5 / len(joint) if b in JOINT_BRANCHES else 0.5 / rest) for b in branches}
+    return {b: 1.0 / len(branches) for b in branches}
 
 
 @dataclass
@@ -52,16 +65,17 @@ class DetectorConfig:
 
     size: int = 224
     branches: tuple[str, ...] = ("align", "joint_bank", "rgb_bank", "xyz_bank")
-    bank_fraction: float = 0.01
+    bank_fraction: float = 0.015
     bank_max_entries: int | None = 20000
     bank_min_entries: int = 128
-    joint_fraction: float = 0.02
+    joint_fraction: float = 0.06
     concat_fraction: float = 0.1
     bank_pca: int | None = None
-    float16: bool = True
+    bank_dtype: str = "int4"
+    align_float16: bool = True
     align_app: tuple[str, ...] = ("colour",)
     align_geo: tuple[str, ...] = ("xyz", "context")
-    weights: dict[str, float] | str = "equal"
+    weights: dict[str, float] | str = "joint"
     sigma: float = 4.0
     score_mode: str = "max"
     topk: int = 10
@@ -85,6 +99,8 @@ class DetectorConfig:
             v = getattr(self, name)
             if not 0.0 < v <= 1.0:
                 raise ConfigError(f"{name} must be in (0, 1], got {v}")
+        if self.bank_dtype not in BANK_DTYPES:
+            raise ConfigError(f"bank_dtype must be one of {list(BANK_DTYPES)}, got {self.bank_dtype!r}")
         if self.sigma < 0:
             raise ConfigError(f"sigma must be >= 0, got {self.sigma}")
         self.branches = tuple(self.branches)
@@ -100,8 +116,9 @@ class DetectorConfig:
         if self.size % 8 or self.size < 32:
             raise ConfigError(f"size must be a multiple of 8 and at least 32, got {self.size}")
         if isinstance(self.weights, str):
-            if self.weights not in ("equal", "auto"):
-                raise ConfigError(f"weights must be 'equal', 'auto' or a mapping, got {self.weights!r}")
+            if self.weights not in WEIGHT_SCHEMES:
+                raise ConfigError(f"weights must be one of {list(WEIGHT_SCHEMES)} or a mapping of "
+                                  f"branch to weight, got {self.weights!r}")
         elif self.weights is not None:
             extra = set(self.weights) - set(self.branches)
             if extra:
@@ -318,7 +335,7 @@ class Detector:
                 vapp, vgeo = self._align_inputs(val_fm)
                 self.align = CrossModalAlignment(AlignConfig(**cfg.align), seed=cfg.seed)
                 self.align.fit(app[mask], geo[mask], vapp[vmask], vgeo[vmask], progress=progress)
-                if cfg.float16:
+                if cfg.align_float16:
                     self.align.round_to_float16()
                 self.report.align_history = list(self.align.history)
         raw = self.branch_maps(calib_fm)
@@ -327,8 +344,8 @@ class Detector:
         maps = {b: normalise(s, v, *self.norm[b]) for b, (s, v) in raw.items()}
         if isinstance(cfg.weights, dict):
             self.weights = {b: float(cfg.weights.get(b, 0.0)) for b in self.branches}
-        elif cfg.weights in (None, "equal") or len(self.branches) == 1:
-            self.weights = {b: 1.0 / len(self.branches) for b in self.branches}
+        elif cfg.weights in (None, "equal", "joint") or len(self.branches) == 1:
+            self.weights = scheme_weights(self.branches, cfg.weights or "equal")
         else:
             gt_patch = torch.from_numpy(
                 np.stack([_patch_gt(p.gt, calib_fm.grid) for p in calib])
@@ -348,7 +365,7 @@ class Detector:
         cfg = self.config
         return MemoryBank(fraction, cfg.bank_max_entries, cfg.seed,
                           min_entries=cfg.bank_min_entries, pca_dim=cfg.bank_pca,
-                          half=cfg.float16).fit(feats, progress=progress)
+                          dtype=cfg.bank_dtype).fit(feats, progress=progress)
 
     def _concat(self, fm: FeatureMaps) -> torch.Tensor:
         """BTF-style concatenation: each modality scaled to unit spread; FPFH 0 where invalid."""
@@ -461,7 +478,7 @@ class Detector:
             t.update({f"{b}.{k}": v for k, v in bank.state_dict().items()})
         if self.align is not None:
             t.update({f"align.{k}": v
-                      for k, v in self.align.state_dict(half=self.config.float16).items()})
+                      for k, v in self.align.state_dict(half=self.config.align_float16).items()})
         return {k: v.contiguous() for k, v in t.items()}
 
     @property

@@ -204,13 +204,14 @@ def efficiency_table(results: Mapping[str, Any], baseline: str = BASELINE) -> Ta
     stages = stage_names(results)
     base = methods.get(baseline)
     header = ["Method", "fit (s)", "infer (ms/sample)", "samples/s",
-              *(f"{s} (ms)" for s in stages), "model size", "bank entries", "peak RSS (MB)"]
+              *(f"{s} (ms)" for s in stages), "model size", "bank entries", "bank size",
+              "peak RSS (MB)"]
     csv_header = ["method", "fit_s", "infer_ms_per_sample", "samples_per_s",
                   *(f"stage_{slugify(s).replace('-', '_')}_ms" for s in stages),
-                  "model_bytes", "bank_entries", "peak_rss_mb"]
+                  "model_bytes", "bank_entries", "bank_bytes", "peak_rss_mb"]
     if base is not None:
-        header += [f"time vs {baseline}", f"size vs {baseline}"]
-        csv_header += [f"time_vs_{baseline}", f"size_vs_{baseline}"]
+        header += [f"time vs {baseline}", f"size vs {baseline}", f"banks vs {baseline}"]
+        csv_header += [f"time_vs_{baseline}", f"size_vs_{baseline}", f"banks_vs_{baseline}"]
     cells: list[list[str]] = []
     values: list[list[Any]] = []
     for name, e in methods.items():
@@ -220,14 +221,15 @@ def efficiency_table(results: Mapping[str, Any], baseline: str = BASELINE) -> Ta
         row_v: list[Any] = [name, as_float(e.get("fit_s")), infer, per_s,
                             *(as_float(st.get(s)) for s in stages),
                             as_float(e.get("model_bytes")), as_float(e.get("bank_entries")),
-                            as_float(e.get("peak_rss_mb"))]
+                            as_float(e.get("bank_bytes")), as_float(e.get("peak_rss_mb"))]
         row_t = [str(name), *(fmt_number(x) for x in row_v[1:4 + len(stages)]),
-                 fmt_bytes(row_v[-3]), fmt_int(row_v[-2]), fmt_number(row_v[-1])]
+                 fmt_bytes(row_v[-4]), fmt_int(row_v[-3]), fmt_bytes(row_v[-2]), fmt_number(row_v[-1])]
         if base is not None:
             t = ratio(infer, base.get("infer_ms_per_sample"))
             s = ratio(e.get("model_bytes"), base.get("model_bytes"))
-            row_v += [t, s]
-            row_t += [fmt_ratio(t), fmt_ratio(s)]
+            b = ratio(e.get("bank_bytes"), base.get("bank_bytes"))
+            row_v += [t, s, b]
+            row_t += [fmt_ratio(t), fmt_ratio(s), fmt_ratio(b)]
         values.append([_int_if_whole(v) for v in row_v])
         cells.append(row_t)
     note = ("Inference is the median per sample over the test set after warm-up; "
