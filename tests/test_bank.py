@@ -91,10 +91,28 @@ def test_int4_codes_pack_two_per_byte(dims: int) -> None:
     x = torch.randn(500, dims, generator=g)
     bank = MemoryBank(fraction=0.2, max_entries=None, min_entries=0, dtype="int4").fit(x)
     ref = MemoryBank(fraction=0.2, max_entries=None, min_entries=0).fit(x)
-    assert bank.stored["codes"].shape == (100, (dims + 1) // 2)
+    assert bank.stored["codes4"].shape == (100, (dims + 1) // 2)
     assert bank.nbytes == 100 * ((dims + 1) // 2) + 2 * dims * 4
     step = bank.stored["step"]
     assert ((bank.bank - ref.bank).abs() <= step / 2 + 1e-6).all()
     # every one of the 16 levels is reachable: the extremes decode exactly
     assert torch.allclose(bank.bank.min(0).values, ref.bank.min(0).values)
     assert torch.allclose(bank.bank.max(0).values, ref.bank.max(0).values, atol=1e-5)
+
+
+def test_one_dimensional_int4_bank_round_trips() -> None:
+    x = torch.linspace(0.0, 1.0, 200)[:, None]
+    bank = MemoryBank(fraction=0.1, max_entries=None, min_entries=0, dtype="int4").fit(x)
+    again = MemoryBank()
+    again.load_state_dict(bank.state_dict())
+    assert again.dtype == "int4" and torch.equal(again.bank, bank.bank)
+    assert (again.bank - MemoryBank(fraction=0.1, max_entries=None, min_entries=0).fit(x).bank
+            ).abs().max() <= bank.stored["step"].max() / 2 + 1e-6
+
+
+def test_mismatched_codes_are_refused() -> None:
+    bank = MemoryBank(fraction=0.5, max_entries=None, min_entries=0, dtype="int8").fit(torch.randn(40, 6))
+    sd = bank.state_dict()
+    sd["low"] = sd["low"][:4]
+    with pytest.raises(ValueError, match="do not match"):
+        MemoryBank().load_state_dict(sd)

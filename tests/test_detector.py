@@ -213,3 +213,18 @@ def test_weight_schemes() -> None:
     assert scheme_weights(("joint_bank",), "joint") == {"joint_bank": 1.0}
     with pytest.raises(ConfigError, match="weights must be one of"):
         DetectorConfig(weights="half")
+
+
+def test_default_banks_are_4_bit_and_mismatched_tensors_are_refused(fitted, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    d = fitted.save(tmp_path / "m")
+    tensors = load_file(str(d / "model.safetensors"))
+    codes = [k for k in tensors if k.endswith(".codes4")]
+    assert codes and all(tensors[k].dtype == torch.uint8 for k in codes)
+    assert not any(k.endswith(".bank") for k in tensors)
+    key = codes[0].replace(".codes4", ".low")
+    tensors[key] = tensors[key][:-1].contiguous()
+    save_file(tensors, str(d / "model.safetensors"))
+    with pytest.raises(ModelFormatError, match="tensors do not match"):
+        Detector.load(d)

@@ -95,15 +95,16 @@ def quantise(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, to
     return codes.contiguous(), low, step
 
 
-def dequantise(codes: torch.Tensor, low: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-    """Inverse of `quantise`; the bit width follows from the code width."""
+def dequantise(codes: torch.Tensor, low: torch.Tensor, step: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of `quantise`."""
     c = low.shape[0]
-    if codes.shape[1] == c:
-        q = codes
-    elif codes.shape[1] == (c + 1) // 2:
+    width = c if bits == 8 else (c + 1) // 2
+    if codes.dim() != 2 or codes.shape[1] != width or step.shape != low.shape:
+        raise ValueError(f"{bits}-bit codes of shape {tuple(codes.shape)} do not match "
+                         f"{c} dimensions")
+    q = codes
+    if bits == 4:
         q = torch.stack([codes & 0x0F, codes >> 4], 2).reshape(codes.shape[0], -1)[:, :c]
-    else:
-        raise ValueError(f"codes of width {codes.shape[1]} do not match {c} dimensions")
     return (low.float()[None, :] + q.float() * step.float()[None, :]).contiguous()
 
 
@@ -174,7 +175,8 @@ class MemoryBank:
     def _store(self, bank: torch.Tensor) -> None:
         if self.dtype in ("int8", "int4"):
             codes, low, step = quantise(bank, 8 if self.dtype == "int8" else 4)
-            self.stored = {"codes": codes, "low": low, "step": step}
+            key = "codes" if self.dtype == "int8" else "codes4"
+            self.stored = {key: codes, "low": low, "step": step}
         elif self.dtype == "float16":
             self.stored = {"bank": bank.half()}
         else:
@@ -183,8 +185,9 @@ class MemoryBank:
 
     @staticmethod
     def _dense(stored: dict[str, torch.Tensor]) -> torch.Tensor:
-        if "codes" in stored:
-            return dequantise(stored["codes"], stored["low"], stored["step"])
+        for key, bits in (("codes", 8), ("codes4", 4)):
+            if key in stored:
+                return dequantise(stored[key], stored["low"], stored["step"], bits)
         return stored["bank"].float().contiguous()
 
     def score(self, queries: torch.Tensor) -> torch.Tensor:
@@ -202,12 +205,13 @@ class MemoryBank:
         return out
 
     def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
-        if "codes" in sd:
+        key = "codes" if "codes" in sd else "codes4" if "codes4" in sd else None
+        if key is not None:
             missing = {"low", "step"} - set(sd)
             if missing:
                 raise KeyError(f"quantised bank without {sorted(missing)}")
-            self.stored = {k: sd[k] for k in ("codes", "low", "step")}
-            self.dtype = "int8" if sd["codes"].shape[1] == sd["low"].shape[0] else "int4"
+            self.stored = {k: sd[k] for k in (key, "low", "step")}
+            self.dtype = "int8" if key == "codes" else "int4"
         else:
             self.stored = {"bank": sd["bank"]}
             self.dtype = "float16" if sd["bank"].dtype == torch.float16 else "float32"
@@ -221,5 +225,5 @@ class MemoryBank:
 
     @property
     def nbytes(self) -> int:
-        """Bytes stored (codes and their scales for int8)."""
+        """Bytes stored (for int8 / int4: the codes plus a low and a step per dimension)."""
         return int(sum(v.numel() * v.element_size() for v in self.stored.values()))

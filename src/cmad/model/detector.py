@@ -568,7 +568,7 @@ class Detector:
                 det.align = CrossModalAlignment(AlignConfig(**det.config.align), seed=det.config.seed)
                 det.align.load_state_dict(
                     {k[len("align."):]: v for k, v in tensors.items() if k.startswith("align.")})
-        except (KeyError, RuntimeError) as exc:
+        except (KeyError, RuntimeError, ValueError) as exc:
             raise ModelFormatError(ten_path, f"tensors do not match the config: {exc}") from exc
         return det
 
