@@ -228,3 +228,9 @@ def test_default_banks_are_4_bit_and_mismatched_tensors_are_refused(fitted, tmp_
     save_file(tensors, str(d / "model.safetensors"))
     with pytest.raises(ModelFormatError, match="tensors do not match"):
         Detector.load(d)
+
+
+def test_bank_dtype_is_validated() -> None:
+    assert DetectorConfig().bank_dtype == "int4"
+    with pytest.raises(ConfigError, match="bank_dtype"):
+        DetectorConfig(bank_dtype="int2")
