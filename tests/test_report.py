@@ -206,6 +206,7 @@ def test_summary_text() -> None:
     assert lines[1].split() == ["cmad", "0.913*", "0.903*", "0.893*"]
     assert lines[2].split() == ["btf", "0.800", "0.790", "0.780"]
     assert "0.25x the inference time" in lines[3] and "0.04x the model size" in lines[3]
+    assert "0.03x the bank size (1.50 MB vs 49.0 MB)" in lines[3]
     res = _results()
     del res["methods"]["btf"]
     assert "vs btf" not in summary_text(res)

@@ -376,6 +376,10 @@ def summary_text(results: Mapping[str, Any], baseline: str = BASELINE,
             f"({fmt_number(a.get('infer_ms_per_sample'))} ms vs "
             f"{fmt_number(b.get('infer_ms_per_sample'))} ms), {fmt_ratio(s)} the model size "
             f"({fmt_bytes(a.get('model_bytes'))} vs {fmt_bytes(b.get('model_bytes'))})")
+        k = ratio(a.get("bank_bytes"), b.get("bank_bytes"))
+        if math.isfinite(k):
+            lines[-1] += (f", {fmt_ratio(k)} the bank size ({fmt_bytes(a.get('bank_bytes'))} vs "
+                          f"{fmt_bytes(b.get('bank_bytes'))})")
     return "\n".join(lines) + "\n"
 
 
