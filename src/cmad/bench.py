@@ -398,7 +398,7 @@ def run_bench(
         res["stages_ms"] = {s: float(np.mean([r["stages_ms"].get(s, 0.0) for r in rows])) for s in stages}
         res["model_bytes"] = int(np.mean([r["model_bytes"] for r in rows]))
         res["bank_entries"] = int(np.mean([r["bank_entries"] for r in rows]))
-        res["bank_bytes"] = int(np.mean([r.get("bank_bytes", 0) for r in rows]))
+        res["bank_bytes"] = int(np.mean([r["bank_bytes"] for r in rows]))
         res["peak_rss_mb"] = float(max(r["peak_rss_mb"] for r in rows))
         res["weights"] = {c: r["weights"] for c, r in zip(res["categories"], rows)}
     for k, by_method in shot_rows.items():

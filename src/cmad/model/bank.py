@@ -72,6 +72,8 @@ def nearest_distance(
 
 
 DTYPES = ("float32", "float16", "int8", "int4")
+# quantised dtypes: (state-dict key of the codes, bits per value)
+CODES = {"int8": ("codes", 8), "int4": ("codes4", 4)}
 
 
 def quantise(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -115,8 +117,9 @@ class MemoryBank:
     pca_dim: project features onto their top principal components (fitted on the training
         patches) before building the bank; None keeps all dimensions.
     dtype: how the bank is stored: "float32", "float16", "int8" or "int4" (per-dimension
-        affine codes: a quarter or an eighth of float32). Distances are always computed in float32 on
-        the stored values, so a saved and reloaded bank scores exactly as the fitted one.
+        affine codes: a quarter or an eighth of float32). Distances are always computed in
+        float32 on the stored values, so a saved and reloaded bank scores exactly as the
+        fitted one.
     """
 
     def __init__(
@@ -173,22 +176,22 @@ class MemoryBank:
         return self
 
     def _store(self, bank: torch.Tensor) -> None:
-        if self.dtype in ("int8", "int4"):
-            codes, low, step = quantise(bank, 8 if self.dtype == "int8" else 4)
-            key = "codes" if self.dtype == "int8" else "codes4"
+        if self.dtype in CODES:
+            key, bits = CODES[self.dtype]
+            codes, low, step = quantise(bank, bits)
             self.stored = {key: codes, "low": low, "step": step}
-        elif self.dtype == "float16":
-            self.stored = {"bank": bank.half()}
         else:
-            self.stored = {"bank": bank.float()}
-        self.bank = self._dense(self.stored)
+            self.stored = {"bank": bank.half() if self.dtype == "float16" else bank.float()}
+        self._decode()
 
-    @staticmethod
-    def _dense(stored: dict[str, torch.Tensor]) -> torch.Tensor:
-        for key, bits in (("codes", 8), ("codes4", 4)):
-            if key in stored:
-                return dequantise(stored[key], stored["low"], stored["step"], bits)
-        return stored["bank"].float().contiguous()
+    def _decode(self) -> None:
+        """The float32 values the search runs on, from the stored tensors."""
+        if self.dtype in CODES:
+            key, bits = CODES[self.dtype]
+            st = self.stored
+            self.bank = dequantise(st[key], st["low"], st["step"], bits)
+        else:
+            self.bank = self.stored["bank"].float().contiguous()
 
     def score(self, queries: torch.Tensor) -> torch.Tensor:
         """Nearest-neighbour distance of each (M, C) query to the bank."""
@@ -205,17 +208,18 @@ class MemoryBank:
         return out
 
     def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
-        key = "codes" if "codes" in sd else "codes4" if "codes4" in sd else None
-        if key is not None:
+        quantised = [d for d, (key, _) in CODES.items() if key in sd]
+        if quantised:
+            self.dtype = quantised[0]
+            key = CODES[self.dtype][0]
             missing = {"low", "step"} - set(sd)
             if missing:
                 raise KeyError(f"quantised bank without {sorted(missing)}")
             self.stored = {k: sd[k] for k in (key, "low", "step")}
-            self.dtype = "int8" if key == "codes" else "int4"
         else:
             self.stored = {"bank": sd["bank"]}
             self.dtype = "float16" if sd["bank"].dtype == torch.float16 else "float32"
-        self.bank = self._dense(self.stored)
+        self._decode()
         self.proj = sd.get("proj")
         self.proj_mean = sd.get("proj_mean")
 

@@ -198,7 +198,8 @@ def efficiency_table(results: Mapping[str, Any], baseline: str = BASELINE) -> Ta
     """Time, memory and size per method, with ratios against `baseline` when it is present.
 
     "time vs btf" is the ratio of inference milliseconds per sample, "size vs btf" the
-    ratio of model bytes; below 1 means cheaper than the baseline.
+    ratio of model bytes, "banks vs btf" the ratio of memory-bank bytes; below 1 means
+    cheaper than the baseline.
     """
     methods = methods_of(results)
     stages = stage_names(results)
@@ -235,8 +236,8 @@ def efficiency_table(results: Mapping[str, Any], baseline: str = BASELINE) -> Ta
     note = ("Inference is the median per sample over the test set after warm-up; "
             "stage columns are milliseconds per sample.")
     if base is not None:
-        note += (f" Ratios are against `{baseline}`: inference time per sample and model "
-                 "size (below 1x is cheaper).")
+        note += (f" Ratios are against `{baseline}`: inference time per sample, model size "
+                 "and bank size (below 1x is cheaper).")
     return Table(title="Efficiency", header=header, cells=cells, csv_header=csv_header,
                  values=values, note=note, slug="efficiency")
 
