@@ -130,7 +130,6 @@ def test_predict_refuses_sample_without_a_needed_modality(fitted, category):
 def test_broken_validation_file_is_an_error_not_a_silent_holdout(tiny_root, tmp_path):
     import shutil
 
-    from cmad.errors import DataError
 
     ds = Dataset(tiny_root)
     src = ds.category(ds.categories[0]).root

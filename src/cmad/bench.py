@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from cmad.errors import ConfigError
 from cmad.features import FeatureExtractor, FeatureMaps
+from cmad.features.rgb import default_cache_dir
 from cmad.model.calibrate import calibration_set
 from cmad.model.detector import (
     RGB_BRANCHES,
@@ -33,6 +34,7 @@ from cmad.model.detector import (
     DetectorConfig,
     _split_source,
     _subset,
+    active_branches,
     select_shots,
 )
 from cmad.types import Prepared
@@ -81,7 +83,7 @@ METHODS["btf-full"] = ({"branches": ("concat_bank",), "concat_fraction": 1.0, "b
                        "BTF with its full bank (no coreset), float32")
 DEFAULT_METHODS = tuple(m for m in METHODS if m != "btf-full")
 SHOT_METHODS = ("cmad", "btf", "rgb-bank", "xyz-bank")
-PANEL_NAMES = {"align": "cross-modal", "rgb_bank": "rgb-bank", "xyz_bank": "3d-bank"}
+PANEL_NAMES = {"rgb_bank": "rgb-bank", "xyz_bank": "3d-bank"}
 
 
 class PeakRSS:
@@ -122,11 +124,6 @@ class PeakRSS:
         self.peak = max(self.peak, self.current_mb())
 
 
-def default_cache_dir() -> Path:
-    """$CMAD_CACHE_DIR, else ~/.cache/cmad (never inside the user's dataset)."""
-    return Path(os.environ.get("CMAD_CACHE_DIR", Path.home() / ".cache" / "cmad"))
-
-
 def machine_info(threads: int) -> dict:
     return {
         "python": sys.version.split()[0], "torch": torch.__version__,
@@ -146,16 +143,15 @@ def method_config(name: str, seed: int, size: int, base: DetectorConfig | None =
 
 def _runnable(cfg: DetectorConfig, modalities: Sequence[str]) -> bool:
     """True if at least one of the method's branches can run on these modalities."""
-    return any((b not in RGB_BRANCHES or "rgb" in modalities)
-               and (b not in XYZ_BRANCHES or "xyz" in modalities) for b in cfg.branches)
+    return bool(active_branches(cfg.branches, modalities))
 
 
 def _needs(cfg: DetectorConfig) -> set[str]:
     need = set()
     for b in cfg.branches:
-        if b in ("align", "joint_bank", "rgb_bank", "concat_bank"):
+        if b in RGB_BRANCHES:
             need.add("rgb_features")
-        if b in ("align", "joint_bank", "xyz_bank", "concat_bank"):
+        if b in XYZ_BRANCHES:
             need.add("xyz_features")
     return need
 
@@ -292,12 +288,20 @@ def _mean(rows: list[dict]) -> dict:
     return out
 
 
-def _panels(cd: CategoryData, preds: list, per_type: int = 2) -> list[dict]:
-    out, seen = [], {}
-    for p, pr in zip(cd.test, preds):
-        if seen.get(p.defect_type, 0) >= per_type:
-            continue
-        seen[p.defect_type] = seen.get(p.defect_type, 0) + 1
+def _panel_indices(test: Sequence[Prepared], per_type: int = 2) -> list[int]:
+    """The first `per_type` test samples of each defect type (good included)."""
+    idx, seen = [], {}
+    for i, p in enumerate(test):
+        if seen.get(p.defect_type, 0) < per_type:
+            seen[p.defect_type] = seen.get(p.defect_type, 0) + 1
+            idx.append(i)
+    return idx
+
+
+def _panels(cd: CategoryData, idx: list[int], preds: list) -> list[dict]:
+    out = []
+    for i, pr in zip(idx, preds):
+        p = cd.test[i]
         maps = {PANEL_NAMES[b]: m for b, m in pr.branch_maps.items() if b in PANEL_NAMES}
         cross = [pr.branch_maps[b] for b in ("align", "joint_bank") if b in pr.branch_maps]
         if cross:
@@ -371,8 +375,10 @@ def run_bench(
             res["per_defect"][c] = row["per_defect"]
             per_method_eff[m].append(row)
             if m == "cmad":  # per-branch maps for the figures, outside the timed loop
-                preds = det.predict_features(cd.test_fm, cd.test, branch_maps=True)
-                panels.extend(_panels(cd, preds, panels_per_type))
+                idx = _panel_indices(cd.test, panels_per_type)
+                preds = det.predict_features(_subset_fm(cd.test_fm, idx), [cd.test[i] for i in idx],
+                                             branch_maps=True)
+                panels.extend(_panels(cd, idx, preds))
             bar.update(1)
         for k in shots or []:
             for m in SHOT_METHODS:

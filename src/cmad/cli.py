@@ -130,8 +130,8 @@ def fit(
 ) -> None:
     """Fit a detector on the normal training (and validation) samples of a category."""
     _setup(quiet, threads)
-    from cmad.bench import default_cache_dir
     from cmad.data.mvtec3d import Dataset
+    from cmad.features.rgb import default_cache_dir
     from cmad.model.detector import Detector
 
     try:
@@ -162,9 +162,9 @@ def evaluate(
     _setup(quiet=as_json, threads=threads)
     if resolution not in ("original", "working"):
         _fail(CmadError(f"--resolution must be 'original' or 'working', got {resolution!r}"))
-    from cmad.bench import default_cache_dir
     from cmad.data.mvtec3d import Dataset
     from cmad.evaluate import evaluate_predictions, export_maps
+    from cmad.features.rgb import default_cache_dir
     from cmad.model.detector import Detector
 
     try:

@@ -180,12 +180,14 @@ def write_tiff_atomic(path: str | Path, arr: np.ndarray) -> None:
     write_atomic(Path(path), lambda tmp: tifffile.imwrite(tmp, arr, photometric=photometric))
 
 
-def write_png_atomic(path: str | Path, arr: np.ndarray) -> None:
-    """Write a uint8 (H, W) or (H, W, 3|4) array as a PNG atomically."""
+def write_png_atomic(path: str | Path, arr: np.ndarray, compress_level: int | None = None) -> None:
+    """Write a uint8 (H, W) or (H, W, 3|4) array as a PNG atomically (zlib level
+    `compress_level`, PIL's default when None)."""
     arr = np.asarray(arr)
     if arr.dtype == np.bool_:
         arr = arr.astype(np.uint8) * 255
     if arr.dtype != np.uint8:
         raise ValueError(f"write_png_atomic expects uint8 or bool, got {arr.dtype}")
     img = Image.fromarray(arr)
-    write_atomic(Path(path), lambda tmp: img.save(tmp, format="PNG"))
+    opts = {} if compress_level is None else {"compress_level": compress_level}
+    write_atomic(Path(path), lambda tmp: img.save(tmp, format="PNG", **opts))

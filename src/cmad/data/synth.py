@@ -31,7 +31,6 @@ from pathlib import Path
 
 import numpy as np
 from numba import njit
-from PIL import Image
 from scipy import ndimage
 
 from cmad.data.io import write_atomic, write_bytes_atomic, write_png_atomic, write_tiff_atomic
@@ -1120,8 +1119,7 @@ def _write_sample(job: tuple[str, float, int, str, str, int, str]) -> None:
     base = Path(tmp) / split / folder
     stem = f"{idx:03d}"
     # low compression: the sensor noise makes PNGs nearly incompressible anyway
-    write_atomic(base / "rgb" / f"{stem}.png",
-                  lambda tmp: Image.fromarray(r.rgb).save(tmp, format="PNG", compress_level=1))
+    write_png_atomic(base / "rgb" / f"{stem}.png", r.rgb, compress_level=1)
     write_tiff_atomic(base / "xyz" / f"{stem}.tiff", r.xyz)
     if split == "test":
         write_png_atomic(base / "gt" / f"{stem}.png", r.gt)
@@ -1290,7 +1288,6 @@ def montage(root: Path, out_png: Path, per_category: int = 4) -> Path:
             ax.set_axis_off()
     fig.tight_layout()
     out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(out_png, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     return out_png

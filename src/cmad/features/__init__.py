@@ -160,6 +160,7 @@ class FeatureExtractor:
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
         self.rgb = None
         self.xyz = None
+        default_grid = (size // 8, size // 8)
         if cfg.use_rgb:
             from cmad.features.rgb import RGBConfig, RGBExtractor
 
@@ -167,12 +168,8 @@ class FeatureExtractor:
         if cfg.use_xyz:
             from cmad.features.xyz import FPFHConfig, FPFHExtractor
 
-            grid = (size // 8, size // 8)
-            self.xyz = FPFHExtractor(FPFHConfig(**{"grid": grid, **cfg.xyz}))
-        if self.rgb is not None:
-            self.grid = tuple(self.rgb.grid)
-        else:
-            self.grid = (size // 8, size // 8)
+            self.xyz = FPFHExtractor(FPFHConfig(**{"grid": default_grid, **cfg.xyz}))
+        self.grid = tuple(self.rgb.grid) if self.rgb is not None else default_grid
         if self.xyz is not None and tuple(self.xyz.cfg.grid) != tuple(self.grid):
             raise ValueError(f"RGB grid {self.grid} and 3D grid {self.xyz.cfg.grid} differ")
 

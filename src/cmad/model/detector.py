@@ -50,6 +50,13 @@ JOINT_BRANCHES = ("joint_bank", "concat_bank")
 WEIGHT_SCHEMES = ("joint", "equal", "auto")
 
 
+def active_branches(branches: Sequence[str], modalities: Sequence[str]) -> tuple[str, ...]:
+    """The branches that can run on these modalities (RGB and/or xyz)."""
+    return tuple(b for b in branches
+                 if (b not in RGB_BRANCHES or "rgb" in modalities)
+                 and (b not in XYZ_BRANCHES or "xyz" in modalities))
+
+
 def scheme_weights(branches: Sequence[str], scheme: str) -> dict[str, float]:
     """Fixed fusion weights (summing to 1) of the active branches for 'equal' or 'joint'."""
     joint = [b for b in branches if b in JOINT_BRANCHES]
@@ -232,14 +239,7 @@ class Detector:
         return self._extractor
 
     def _active_branches(self, modalities: Sequence[str]) -> tuple[str, ...]:
-        has_rgb, has_xyz = "rgb" in modalities, "xyz" in modalities
-        keep = []
-        for b in self.config.branches:
-            if b in RGB_BRANCHES and not has_rgb:
-                continue
-            if b in XYZ_BRANCHES and not has_xyz:
-                continue
-            keep.append(b)
+        keep = active_branches(self.config.branches, modalities)
         if not keep:
             raise ConfigError(
                 f"none of the branches {list(self.config.branches)} can run on modalities "
@@ -457,9 +457,7 @@ class Detector:
             t_prep = (time.perf_counter() - t) * 1000.0 / len(chunk)
             fm = self.extractor.extract(prep)
             out.extend(self.predict_features(fm, prep, branch_maps=branch_maps))
-            own = {k: v for k, v in self.timings_ms.items()
-                   if k in ("alignment", "bank_search", "fusion")}
-            for k, v in {"preprocess": t_prep, **fm.timings_ms, **own}.items():
+            for k, v in {"preprocess": t_prep, **fm.timings_ms, **self.timings_ms}.items():
                 stages[k] = stages.get(k, 0.0) + v * len(chunk)
         self.timings_ms = {k: v / max(len(samples), 1) for k, v in stages.items()}
         return out
