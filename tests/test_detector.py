@@ -8,7 +8,8 @@ import torch
 from cmad.data.mvtec3d import Dataset
 from cmad.errors import ConfigError, DataError, ModelFormatError
 from cmad.evaluate import evaluate_predictions
-from cmad.model.detector import Detector, DetectorConfig
+from cmad.model.config import DetectorConfig
+from cmad.pipeline import Detector
 
 SIZE = 64
 
@@ -16,7 +17,12 @@ SIZE = 64
 def _cfg(**kw):
     base = dict(size=SIZE, align={"epochs": 5, "hidden": 32}, bank_min_entries=16)
     base.update(kw)
-    return DetectorConfig(**base)
+    return DetectorConfig.from_dict(base)
+
+
+def _tensor_file(d):
+    (path,) = d.glob("model-*.safetensors")
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +39,7 @@ def fitted(category, tmp_path_factory):
 
 def test_fit_predict_shapes_and_branches(fitted, category):
     test = category.samples("test")
-    preds = fitted.predict(test)
+    preds, timings = fitted.predict_timed(test)
     assert len(preds) == len(test)
     for s, p in zip(test, preds):
         assert p.anomaly_map.shape == s.size
@@ -42,8 +48,9 @@ def test_fit_predict_shapes_and_branches(fitted, category):
         assert set(p.branch_maps) == {"align", "joint_bank", "rgb_bank", "xyz_bank"}
         assert np.isfinite(p.score) and np.isfinite(p.anomaly_map).all()
     assert abs(sum(fitted.weights.values()) - 1.0) < 1e-6
-    assert set(fitted.timings_ms) >= {"preprocess", "rgb_features", "xyz_features",
-                                      "bank_search", "fusion"}
+    assert set(timings) >= {"preprocess", "rgb_features", "colour_stats", "xyz_features",
+                            "geometry_context", "bank_search", "alignment", "fusion"}
+    assert all(v >= 0 for v in timings.values())
 
 
 def test_banks_are_light(fitted):
@@ -74,10 +81,44 @@ def test_load_refuses_other_version_extractor_and_truncated(fitted, tmp_path):
     with pytest.raises(ModelFormatError, match="different feature extractor"):
         Detector.load(d)
     (d / "config.json").write_text(json.dumps(meta))
-    blob = (d / "model.safetensors").read_bytes()
-    (d / "model.safetensors").write_bytes(blob[: len(blob) // 2])
+    tf = _tensor_file(d)
+    blob = tf.read_bytes()
+    tf.write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(ModelFormatError, match="does not match config.json"):
+        Detector.load(d)
+    # a truncated file whose hash is recorded (a damaged save) is still refused
+    (d / "config.json").write_text(json.dumps(dict(
+        meta, tensors_sha256=__import__("hashlib").sha256(blob[: len(blob) // 2]).hexdigest())))
     with pytest.raises(ModelFormatError, match="truncated or corrupt"):
         Detector.load(d)
+
+
+def test_save_refuses_a_user_folder_and_replaces_an_old_model(fitted, tmp_path):
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "config.json").write_text('{"my": "settings"}')
+    with pytest.raises(ConfigError, match="holds no cmad model"):
+        fitted.save(user)
+    assert (user / "config.json").read_text() == '{"my": "settings"}'
+    d = fitted.save(tmp_path / "m")
+    fitted.save(d)  # saving again over a model folder is fine and leaves one tensor file
+    assert len(list(d.glob("model-*.safetensors"))) == 1
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ConfigError, match="is a file"):
+        fitted.save(tmp_path / "afile")
+
+
+def test_a_mixed_save_is_refused(fitted, category, tmp_path):
+    """Tensors of one model beside the config of another: refused, not scored."""
+    other = Detector(_cfg(seed=5)).fit(category, progress=False)
+    a, b = fitted.save(tmp_path / "a"), other.save(tmp_path / "b")
+    meta_b = json.loads((b / "config.json").read_text())
+    assert meta_b["tensors"] != _tensor_file(a).name
+    # b's config, and a's tensors under the name b's config expects
+    _tensor_file(a).rename(a / meta_b["tensors"])
+    (a / "config.json").write_text(json.dumps(meta_b))
+    with pytest.raises(ModelFormatError, match="does not match"):
+        Detector.load(a)
 
 
 def test_same_seed_same_scores(category):
@@ -86,8 +127,10 @@ def test_same_seed_same_scores(category):
     b = Detector(_cfg(seed=3)).fit(category, progress=False)
     assert a.weights == b.weights
     assert [p.score for p in a.predict(test)] == [p.score for p in b.predict(test)]
-    for k, v in a.tensors().items():
-        assert torch.equal(v, b.tensors()[k]), k
+    ta, tb = a.core.tensors(), b.core.tensors()
+    assert set(ta) == set(tb)
+    for k, v in ta.items():
+        assert torch.equal(v, tb[k]), k
 
 
 def test_few_shot_uses_k_samples(category):
@@ -109,14 +152,14 @@ def test_config_errors():
         DetectorConfig(size=100)
     with pytest.raises(ConfigError):
         DetectorConfig.from_dict({"sizee": 224})
-    with pytest.raises(ConfigError, match="align"):
-        DetectorConfig(align={"epoch": 3})
+    with pytest.raises(ConfigError, match="align.epoch"):
+        DetectorConfig.from_dict({"align": {"epoch": 3}})
     with pytest.raises(ConfigError, match="score_mode"):
         DetectorConfig(score_mode="mean")
     with pytest.raises(ConfigError, match="bank_fraction"):
         DetectorConfig(bank_fraction=0.0)
     # a partial align override keeps the other defaults
-    assert DetectorConfig(align={"epochs": 3}).align["variant"] == "latent"
+    assert DetectorConfig.from_dict({"align": {"epochs": 3}}).align.variant == "latent"
 
 
 def test_predict_refuses_sample_without_a_needed_modality(fitted, category):
@@ -195,12 +238,12 @@ def test_second_fit_reuses_cached_features(category, tmp_path, monkeypatch):
     monkeypatch.setattr(FeatureExtractor, "_compute", counting)
     Detector(_cfg(), cache_dir=tmp_path).fit(category, progress=False)
     computed = {k for batch in calls for k in batch}
-    # training features come from the cache; only validation (with pasted defects) is computed
+    # training and validation features come from the cache
     assert not any("/train/" in k for k in computed), computed
 
 
 def test_weight_schemes() -> None:
-    from cmad.model.detector import scheme_weights
+    from cmad.model.core import scheme_weights
 
     four = ("align", "joint_bank", "rgb_bank", "xyz_bank")
     w = scheme_weights(four, "joint")
@@ -218,14 +261,17 @@ def test_default_banks_are_4_bit_and_mismatched_tensors_are_refused(fitted, tmp_
     from safetensors.torch import load_file, save_file
 
     d = fitted.save(tmp_path / "m")
-    tensors = load_file(str(d / "model.safetensors"))
+    tensors = load_file(str(_tensor_file(d)))
     codes = [k for k in tensors if k.endswith(".codes4")]
     assert codes and all(tensors[k].dtype == torch.uint8 for k in codes)
     assert not any(k.endswith(".bank") for k in tensors)
     key = codes[0].replace(".codes4", ".low")
     tensors[key] = tensors[key][:-1].contiguous()
-    save_file(tensors, str(d / "model.safetensors"))
-    with pytest.raises(ModelFormatError, match="tensors do not match"):
+    save_file(tensors, str(_tensor_file(d)))
+    meta = json.loads((d / "config.json").read_text())
+    meta["tensors_sha256"] = __import__("hashlib").sha256(_tensor_file(d).read_bytes()).hexdigest()
+    (d / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelFormatError, match="bad field|do not match"):
         Detector.load(d)
 
 

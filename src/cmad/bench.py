@@ -23,25 +23,20 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from cmad.cache import default_cache_dir
+from cmad.data.splits import select_shots, split_source
 from cmad.errors import ConfigError
-from cmad.features import FeatureExtractor, FeatureMaps
-from cmad.features.rgb import default_cache_dir
+from cmad.features import FEATURE_STAGE, FeatureExtractor, FeatureMaps
+from cmad.metrics import METRIC_KEYS as METRICS
+from cmad.model.branches import branch_class
 from cmad.model.calibrate import calibration_set
-from cmad.model.detector import (
-    RGB_BRANCHES,
-    XYZ_BRANCHES,
-    Detector,
-    DetectorConfig,
-    _split_source,
-    _subset,
-    active_branches,
-    select_shots,
-)
+from cmad.model.config import DetectorConfig
+from cmad.model.core import active_branches, feature_needs
+from cmad.pipeline import Detector
+from cmad.runtime import set_threads
 from cmad.types import Prepared
 
 log = logging.getLogger(__name__)
-
-METRICS = ("I-AUROC", "P-AUROC", "AUPRO@30%", "AUPRO@10%", "AUPRO@5%", "AUPRO@1%")
 
 # name -> (config overrides, description)
 METHODS: dict[str, tuple[dict, str]] = {
@@ -71,19 +66,18 @@ METHODS: dict[str, tuple[dict, str]] = {
     "cmad-equal": ({"weights": "equal"}, "cmad with equal branch weights (the joint bank a quarter)"),
     "cmad-auto": ({"weights": "auto"},
                   "cmad with weights chosen on validation normals with pasted defects"),
-    "btf": ({"branches": ("concat_bank",), "concat_fraction": 0.1, "bank_dtype": "float32"},
+    "btf": ({"branches": ("joint_bank",), "joint_fraction": 0.1, "bank_dtype": "float32"},
             "BTF baseline: RGB+FPFH concatenated, one bank, 10% coreset (as in BTF's code), float32"),
     "full-banks": ({"branches": ("rgb_bank", "xyz_bank"), "bank_fraction": 1.0,
                     "bank_max_entries": None, "bank_min_entries": 0, "bank_dtype": "float32"},
                    "cmad's two per-modality banks at 100% (no coreset), float32"),
 }
 # BTF with no coreset (the full bank): slow to search, so only on request (--methods)
-METHODS["btf-full"] = ({"branches": ("concat_bank",), "concat_fraction": 1.0, "bank_max_entries": None,
+METHODS["btf-full"] = ({"branches": ("joint_bank",), "joint_fraction": 1.0, "bank_max_entries": None,
                         "bank_min_entries": 0, "bank_dtype": "float32"},
                        "BTF with its full bank (no coreset), float32")
 DEFAULT_METHODS = tuple(m for m in METHODS if m != "btf-full")
 SHOT_METHODS = ("cmad", "btf", "rgb-bank", "xyz-bank")
-PANEL_NAMES = {"rgb_bank": "rgb-bank", "xyz_bank": "3d-bank"}
 
 
 class PeakRSS:
@@ -135,25 +129,20 @@ def machine_info(threads: int) -> dict:
 def method_config(name: str, seed: int, size: int, base: DetectorConfig | None = None) -> DetectorConfig:
     if name not in METHODS:
         raise ConfigError(f"unknown method {name!r}; choose from {sorted(METHODS)}")
-    d = (base or DetectorConfig()).to_dict()
-    d.update(METHODS[name][0])
-    d.update(seed=seed, size=size)
-    return DetectorConfig.from_dict(d)
+    return (base or DetectorConfig()).with_overrides({**METHODS[name][0], "seed": seed, "size": size})
 
 
 def _runnable(cfg: DetectorConfig, modalities: Sequence[str]) -> bool:
     """True if at least one of the method's branches can run on these modalities."""
-    return bool(active_branches(cfg.branches, modalities))
+    return bool(active_branches(cfg.branches, modalities, cfg))
 
 
-def _needs(cfg: DetectorConfig) -> set[str]:
-    need = set()
-    for b in cfg.branches:
-        if b in RGB_BRANCHES:
-            need.add("rgb_features")
-        if b in XYZ_BRANCHES:
-            need.add("xyz_features")
-    return need
+def stages_of(needs: set[str]) -> list[str]:
+    """The feature stages a model with these feature needs pays for, in order."""
+    out = [FEATURE_STAGE[n] for n in sorted(needs)]
+    if "geom" in needs:
+        out.append("geometry_render")
+    return out
 
 
 @dataclass
@@ -173,96 +162,97 @@ class CategoryData:
     shared_fit_s: float
 
 
-def _timed_features(ext: FeatureExtractor, prepared: Sequence[Prepared], desc: str,
-                    progress: bool) -> tuple[FeatureMaps, dict[str, list[float]]]:
+def timed_features(ext: FeatureExtractor, prepared: Sequence[Prepared], desc: str,
+                   progress: bool) -> tuple[FeatureMaps, dict[str, list[float]]]:
     """Features one sample at a time, uncached, with each sample's ms per stage."""
-    parts, times = [], {"rgb_features": [], "xyz_features": []}
-    for p in tqdm(prepared, desc=desc, leave=False, disable=not progress):
-        fm = ext.extract([p], prep_digest=None)
-        for k in times:
-            times[k].append(fm.timings_ms.get(k, 0.0))
+    parts, times = [], {}
+    for p in tqdm(prepared, desc=desc, unit="sample", leave=False, disable=not progress):
+        fm, ms = ext.extract([p], prep_digest=None)
+        for k, v in ms.items():
+            times.setdefault(k, []).append(v)
         parts.append(fm)
     return FeatureMaps.cat(parts), times
 
 
 def load_category(data: Path, name: str, size: int, seed: int, cache_dir: Path | None,
-                  progress: bool, base: DetectorConfig | None = None) -> tuple[CategoryData, Detector]:
-    """Read, preprocess and extract one category once for all methods."""
+                  progress: bool, methods: Sequence[str], base: DetectorConfig | None = None
+                  ) -> tuple[CategoryData, FeatureExtractor]:
+    """Read, preprocess and extract one category once for all methods (the union of the
+    features they need)."""
     from cmad.data.mvtec3d import Dataset
-    from cmad.data.preprocess import Preprocessor
 
     cat = Dataset(data).category(name)
     cfg = method_config("cmad", seed, size, base)
-    det = Detector(cfg, cache_dir=cache_dir)
     t0 = time.perf_counter()
-    train_s, val_s = _split_source(cat, seed)
+    train_s, val_s = split_source(cat, seed)
     modalities = [m for m in ("rgb", "xyz") if getattr(train_s[0], m) is not None]
-    det.extractor_for(modalities)
+    configs = [method_config(m, seed, size, base) for m in (*methods, *SHOT_METHODS)]
+    needs: set[str] = set()
+    for c in configs:
+        needs |= feature_needs(c, modalities)
+    if not needs:
+        raise ConfigError(f"{name}: none of the methods can run on modalities {modalities}")
+    ext = FeatureExtractor(needs, size=size, rgb=cfg.rgb, xyz=cfg.xyz, cache_dir=cache_dir)
+    det = Detector(cfg, cache_dir=cache_dir, extractor=ext)
     train = det.prepare(train_s, progress)
     val = det.prepare(val_s, progress)
-    train_fm = det.features(train, progress, desc=f"{name} train features")
-    calib = calibration_set(val, seed=seed, per_sample=cfg.calib_per_sample,
+    train_fm, _ = det.features(train, progress, desc=f"{name} train features")
+    per = max((c.calib_per_sample for c in configs if c.weights == "auto"), default=0)
+    calib = calibration_set(val, seed=seed, per_sample=per,
                             has_rgb="rgb" in modalities, has_xyz="xyz" in modalities)
-    calib_fm = det.features(calib, progress, desc=f"{name} validation features", cache=False)
+    calib_fm, _ = det.features(calib, progress, desc=f"{name} validation features", cache=False)
     shared_fit_s = time.perf_counter() - t0
     test_s = cat.samples("test")
     # timed without the cache: a new part is never in it
-    fresh = Preprocessor(det._preprocess_config(), cache_dir=None)
+    fresh = Detector(cfg, cache_dir=None, extractor=ext)
     prep_ms = []
     test = []
     for s in test_s:
         t = time.perf_counter()
-        test.append(fresh(s))
+        test.extend(fresh.prepare([s]))
         prep_ms.append((time.perf_counter() - t) * 1000.0)
     # warm-up (compilation, allocator), then time each test sample's features
-    det.extractor.extract(test[:1], prep_digest=None)
-    test_fm, times = _timed_features(det.extractor, test, f"{name} test features", progress)
+    ext.extract(test[:1], prep_digest=None)
+    test_fm, times = timed_features(ext, test, f"{name} test features", progress)
     shared_ms = {"preprocess": float(np.median(prep_ms))}
     shared_ms.update({k: float(np.median(v)) for k, v in times.items()})
     gts = [s.gt for s in test_s]
     return CategoryData(name, modalities, train, train_fm, calib, calib_fm, test, test_fm, gts,
-                        shared_ms, shared_fit_s), det
+                        shared_ms, shared_fit_s), ext
 
 
-def _subset_fm(fm: FeatureMaps, idx: list[int]) -> FeatureMaps:
-    keep = torch.zeros(len(fm), dtype=torch.bool)
-    keep[idx] = True
-    return _subset(fm, keep)
-
-
-def run_method(name: str, cd: CategoryData, seed: int, size: int, extractor_det: Detector,
+def run_method(name: str, cd: CategoryData, seed: int, size: int, ext: FeatureExtractor,
                shots: int | None = None, base: DetectorConfig | None = None,
                evaluate: bool = True) -> tuple[dict, Detector, list]:
     """Fit one method on shared features and evaluate it on the test split."""
     from cmad.evaluate import evaluate_predictions
 
     cfg = method_config(name, seed, size, base)
-    det = Detector(cfg)
-    det._extractor = extractor_det.extractor
-    det._preprocessor = extractor_det._preprocessor
-    train_idx = list(range(len(cd.train)))
-    train_idx = select_shots(train_idx, shots, seed)
-    train_fm = cd.train_fm if shots is None else _subset_fm(cd.train_fm, train_idx)
+    det = Detector(cfg, extractor=ext)
+    train_idx = select_shots(list(range(len(cd.train))), shots, seed)
+    train_fm = cd.train_fm if shots is None else cd.train_fm.select(train_idx)
     with PeakRSS() as mem:
         t = time.perf_counter()
-        det.fit_features(train_fm, cd.calib_fm, cd.calib, cd.modalities)
+        det.fit_features(train_fm, cd.calib_fm, cd.calib, cd.modalities, category=cd.name)
         fit_s = time.perf_counter() - t
         own_ms: dict[str, list[float]] = {}
         preds = []
         det.predict_features(cd.test_fm.index(0), cd.test[:1], branch_maps=False)  # warm-up
         for i, p in enumerate(cd.test):
-            preds.extend(det.predict_features(cd.test_fm.index(i), [p], branch_maps=False))
-            for k, v in det.timings_ms.items():
+            pr, ms = det.predict_features(cd.test_fm.index(i), [p], branch_maps=False)
+            preds.extend(pr)
+            for k, v in ms.items():
                 own_ms.setdefault(k, []).append(v)
     stages = {"preprocess": cd.shared_ms["preprocess"]}
-    for k in sorted(_needs(cfg)):
+    for k in stages_of(det.core.needs):
         stages[k] = cd.shared_ms.get(k, 0.0)
     stages.update({k: float(np.median(v)) for k, v in own_ms.items()})
     with tempfile.TemporaryDirectory() as tmp:
-        det.save(tmp)
-        disk = sum(f.stat().st_size for f in Path(tmp).iterdir())
+        det.save(Path(tmp) / "model")
+        disk = sum(f.stat().st_size for f in (Path(tmp) / "model").iterdir())
     ev = evaluate_predictions(cd.name, preds, cd.gts) if evaluate else None
     row = {
+        "category": cd.name,
         "metrics": None if ev is None else ev.metrics,
         "per_defect": None if ev is None else ev.per_defect,
         "fit_s": cd.shared_fit_s + fit_s,
@@ -271,8 +261,8 @@ def run_method(name: str, cd: CategoryData, seed: int, size: int, extractor_det:
         "stages_ms": stages,
         "model_bytes": int(disk),
         "tensor_bytes": det.model_bytes,
-        "bank_entries": int(sum(b.entries for b in det.banks.values())),
-        "bank_bytes": int(sum(b.nbytes for b in det.banks.values())),
+        "bank_entries": det.bank_entries,
+        "bank_bytes": det.bank_bytes,
         "peak_rss_mb": mem.peak,
         "weights": det.weights,
     }
@@ -302,10 +292,10 @@ def _panels(cd: CategoryData, idx: list[int], preds: list) -> list[dict]:
     out = []
     for i, pr in zip(idx, preds):
         p = cd.test[i]
-        maps = {PANEL_NAMES[b]: m for b, m in pr.branch_maps.items() if b in PANEL_NAMES}
-        cross = [pr.branch_maps[b] for b in ("align", "joint_bank") if b in pr.branch_maps]
-        if cross:
-            maps["cross-modal"] = sum(cross) / len(cross)
+        groups: dict[str, list[np.ndarray]] = {}
+        for b, m in pr.branch_maps.items():
+            groups.setdefault(branch_class(b).panel, []).append(m)
+        maps = {g: sum(ms) / len(ms) for g, ms in groups.items()}
         maps["fused"] = pr.anomaly_map_work
         depth = p.xyz[..., 2] if p.xyz is not None else np.zeros(p.gt.shape, np.float32)
         out.append({"category": cd.name, "defect_type": p.defect_type, "stem": p.stem,
@@ -340,7 +330,7 @@ def run_bench(
     from cmad.data.mvtec3d import Dataset
     from cmad.report import summary_text, write_report
 
-    torch.set_num_threads(threads)
+    set_threads(threads)
     methods = list(methods or DEFAULT_METHODS)
     for m in methods:
         method_config(m, seed, size, base)  # fail early on unknown names
@@ -361,7 +351,7 @@ def run_bench(
     bar = tqdm(total=len(cats) * (len(methods) + len(shots or []) * len(SHOT_METHODS)),
                desc="bench", disable=not progress)
     for c in cats:
-        cd, ext = load_category(data, c, size, seed, cache_dir, progress, base)
+        cd, ext = load_category(data, c, size, seed, cache_dir, progress, methods, base)
         for m in methods:
             bar.set_postfix(category=c, method=m)
             if not _runnable(method_config(m, seed, size, base), cd.modalities):
@@ -376,8 +366,8 @@ def run_bench(
             per_method_eff[m].append(row)
             if m == "cmad":  # per-branch maps for the figures, outside the timed loop
                 idx = _panel_indices(cd.test, panels_per_type)
-                preds = det.predict_features(_subset_fm(cd.test_fm, idx), [cd.test[i] for i in idx],
-                                             branch_maps=True)
+                preds, _ = det.predict_features(cd.test_fm.select(idx), [cd.test[i] for i in idx],
+                                                branch_maps=True)
                 panels.extend(_panels(cd, idx, preds))
             bar.update(1)
         for k in shots or []:
@@ -406,7 +396,7 @@ def run_bench(
         res["bank_entries"] = int(np.mean([r["bank_entries"] for r in rows]))
         res["bank_bytes"] = int(np.mean([r["bank_bytes"] for r in rows]))
         res["peak_rss_mb"] = float(max(r["peak_rss_mb"] for r in rows))
-        res["weights"] = {c: r["weights"] for c, r in zip(res["categories"], rows)}
+        res["weights"] = {r["category"]: r["weights"] for r in rows}
     for k, by_method in shot_rows.items():
         results["shots"][k] = {m: {"categories": cats_, "mean": _mean(list(cats_.values()))}
                                for m, cats_ in by_method.items()}
@@ -415,17 +405,13 @@ def run_bench(
 
 
 def time_features(data: Path, category: str, limit: int = 30, size: int = 224,
-                  runtime: str = "torch", threads: int = 2, progress: bool = True) -> dict:
-    """Median ms per sample of preprocessing, RGB and 3D features (after warm-up)."""
+                  runtime: str = "torch", threads: int = 2, progress: bool = True,
+                  config: DetectorConfig | None = None) -> dict:
+    """Median ms per sample of preprocessing and of each feature stage the config needs
+    (after warm-up)."""
     from cmad.data.mvtec3d import Dataset
 
-    torch.set_num_threads(threads)
-    try:
-        import numba
-
-        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-    except ImportError:
-        pass
+    set_threads(threads)
     cat = Dataset(data).category(category)
     refs = []
     for split in ("test", "train", "validation"):
@@ -433,7 +419,8 @@ def time_features(data: Path, category: str, limit: int = 30, size: int = 224,
         if len(refs) >= limit + 1:
             break
     samples = refs[: limit + 1]
-    det = Detector(DetectorConfig(size=size), rgb_runtime=runtime)
+    cfg = (config or DetectorConfig()).with_overrides({"size": size})
+    det = Detector(cfg, rgb_runtime=runtime)
     modalities = [m for m in ("rgb", "xyz") if getattr(samples[0], m) is not None]
     ext = det.extractor_for(modalities)
     prep_ms, prepared = [], []
@@ -442,20 +429,21 @@ def time_features(data: Path, category: str, limit: int = 30, size: int = 224,
         prepared.extend(det.prepare([s]))
         prep_ms.append((time.perf_counter() - t) * 1000.0)
     t = time.perf_counter()
-    first = ext.extract(prepared[:1])
+    first, _ = ext.extract(prepared[:1])
     first_ms = (time.perf_counter() - t) * 1000.0
-    _, times = _timed_features(ext, prepared[1:], "features", progress)
-    return {
-        "category": category, "n": len(prepared) - 1, "size": size, "threads": threads,
-        "runtime": runtime,
-        "preprocess_ms": float(np.median(prep_ms[1:])),
-        "rgb_ms": float(np.median(times["rgb_features"])) if "rgb" in modalities else None,
-        "xyz_ms": float(np.median(times["xyz_features"])) if "xyz" in modalities else None,
+    _, times = timed_features(ext, prepared[1:], "features", progress)
+    out = {"category": category, "n": len(prepared) - 1, "size": size, "threads": threads,
+           "runtime": runtime, "preprocess_ms": float(np.median(prep_ms[1:]))}
+    out.update({f"{k}_ms": float(np.median(v)) for k, v in sorted(times.items())})
+    out.update({
+        "rgb_ms": float(np.median(times["rgb_features"])) if "rgb_features" in times else None,
+        "xyz_ms": float(np.median(times["xyz_features"])) if "xyz_features" in times else None,
         "first_call_ms": first_ms,
-        "rgb_dim": None if ext.rgb is None else int(first.rgb.shape[1]),
-        "xyz_dim": None if ext.xyz is None else int(first.xyz.shape[1]),
+        "rgb_dim": int(first["rgb"].shape[1]) if "rgb" in first else None,
+        "xyz_dim": int(first["xyz"].shape[1]) if "xyz" in first else None,
         "grid": list(first.grid),
-    }
+    })
+    return out
 
 
 def category_table(results: dict, method: str) -> str:

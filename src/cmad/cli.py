@@ -20,10 +20,12 @@ log = logging.getLogger("cmad")
 def _setup(quiet: bool = False, threads: int | None = None) -> None:
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
-    if threads:
-        import torch
+    if threads is not None:
+        if threads < 1:
+            _fail(CmadError(f"--threads must be a positive integer, got {threads}"))
+        from cmad.runtime import set_threads
 
-        torch.set_num_threads(threads)
+        set_threads(threads)
 
 
 def _fail(exc: Exception) -> None:
@@ -109,11 +111,10 @@ def features(
 
 
 def _load_config(config: Path | None, overrides: dict) -> DetectorConfig:  # noqa: F821
-    from cmad.model.detector import DetectorConfig
+    from cmad.model.config import DetectorConfig
 
-    base = DetectorConfig.from_file(config).to_dict() if config else DetectorConfig().to_dict()
-    base.update({k: v for k, v in overrides.items() if v is not None})
-    return DetectorConfig.from_dict(base)
+    base = DetectorConfig.from_file(config) if config else DetectorConfig()
+    return base.with_overrides({k: v for k, v in overrides.items() if v is not None})
 
 
 @app.command()
@@ -130,11 +131,16 @@ def fit(
 ) -> None:
     """Fit a detector on the normal training (and validation) samples of a category."""
     _setup(quiet, threads)
+    from cmad.cache import default_cache_dir
     from cmad.data.mvtec3d import Dataset
-    from cmad.features.rgb import default_cache_dir
-    from cmad.model.detector import Detector
+    from cmad.pipeline import Detector, check_model_dir
 
     try:
+        if seed is not None and seed < 0:
+            raise CmadError(f"--seed must be >= 0, got {seed}")
+        if shots is not None and shots < 1:
+            raise CmadError(f"--shots must be a positive integer, got {shots}")
+        check_model_dir(out)
         cfg = _load_config(config, {"seed": seed})
         det = Detector(cfg, cache_dir=cache or default_cache_dir())
         det.fit(Dataset(data).category(category), shots=shots, progress=not quiet)
@@ -142,8 +148,9 @@ def fit(
     except (CmadError, OSError) as exc:
         _fail(exc)
     r = det.report
+    weights = ", ".join(f"{k} {v:.3f}" for k, v in r.weights.items())
     typer.echo(f"fitted {category} on {r.n_train} train / {r.n_val} validation samples in "
-               f"{r.fit_s:.1f} s; weights {r.weights}; bank entries {r.bank_entries}; "
+               f"{r.fit_s:.1f} s; weights: {weights}; bank entries {r.bank_entries}; "
                f"model {det.model_bytes / 1e6:.2f} MB -> {out}")
 
 
@@ -162,10 +169,10 @@ def evaluate(
     _setup(quiet=as_json, threads=threads)
     if resolution not in ("original", "working"):
         _fail(CmadError(f"--resolution must be 'original' or 'working', got {resolution!r}"))
+    from cmad.cache import default_cache_dir
     from cmad.data.mvtec3d import Dataset
     from cmad.evaluate import evaluate_predictions, export_maps
-    from cmad.features.rgb import default_cache_dir
-    from cmad.model.detector import Detector
+    from cmad.pipeline import Detector
 
     try:
         det = Detector.load(model, cache_dir=cache or default_cache_dir())
@@ -200,7 +207,7 @@ def predict(
 ) -> None:
     """Score new samples; write anomaly maps (TIFF), overlays (PNG) and scores.json."""
     _setup(quiet, threads)
-    from cmad.model.detector import Detector
+    from cmad.pipeline import Detector
     from cmad.predict_io import collect_inputs, write_outputs
 
     try:

@@ -28,3 +28,12 @@ class ModelFormatError(CmadError):
 
 class ConfigError(CmadError):
     """An option or configuration value is invalid."""
+
+
+class OutputError(CmadError):
+    """An output cannot be written: the path is taken by something else, or the disk failed."""
+
+    def __init__(self, path: str | Path | None, problem: str) -> None:
+        self.path = None if path is None else Path(path)
+        self.problem = problem
+        super().__init__(f"{path}: {problem}" if path is not None else problem)

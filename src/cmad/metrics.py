@@ -26,16 +26,16 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import tifffile
 from scipy import ndimage
 from sklearn.metrics import roc_auc_score
+
+from cmad.data.io import write_tiff_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -337,15 +337,7 @@ def write_anomaly_maps(
         if path in seen:
             raise ValueError(f"{defect_type}/{stem}: given twice")
         seen.add(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            tifffile.imwrite(tmp_name, np.ascontiguousarray(arr, dtype=np.float32))
-            os.replace(tmp_name, path)
-        except BaseException:
-            Path(tmp_name).unlink(missing_ok=True)
-            raise
+        write_tiff_atomic(path, np.ascontiguousarray(arr, dtype=np.float32))
         written.append(path)
     return written
 

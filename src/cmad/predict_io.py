@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
+from cmad.data.io import atomic_folder, write_bytes_atomic, write_png_atomic, write_tiff_atomic
 from cmad.errors import DataError
 from cmad.types import Prediction, Sample, SamplePaths
 
@@ -66,26 +65,25 @@ def overlay(rgb: np.ndarray | None, amap: np.ndarray, threshold: float) -> np.nd
     return np.clip(base * (1 - alpha) + heat * alpha, 0, 255).astype(np.uint8)
 
 
+def is_predict_output(folder: Path) -> bool:
+    """True for a folder written by `write_outputs` (nothing else in it)."""
+    names = {p.name for p in folder.iterdir()}
+    return "scores.json" in names and names <= {"scores.json", "maps", "overlays", "masks"}
+
+
 def write_outputs(out: Path, samples: Sequence[Sample], preds: Sequence[Prediction],
                   threshold: float) -> Path:
-    """maps/<stem>.tiff (float32, original size), overlays/<stem>.png, scores.json."""
-    import tifffile
-
+    """maps/<stem>.tiff (float32, original size), overlays/<stem>.png, scores.json; the
+    folder is built whole, then put in place (an earlier output there is replaced)."""
     out = Path(out)
-    (out / "maps").mkdir(parents=True, exist_ok=True)
-    (out / "overlays").mkdir(parents=True, exist_ok=True)
     rows = []
-    for s, p in zip(samples, preds):
-        tmp = out / "maps" / f".{s.stem}.tiff.tmp"
-        tifffile.imwrite(tmp, p.anomaly_map.astype(np.float32))
-        os.replace(tmp, out / "maps" / f"{s.stem}.tiff")
-        tmp = out / "overlays" / f".{s.stem}.png.tmp"
-        Image.fromarray(overlay(s.rgb, p.anomaly_map, threshold)).save(tmp, format="PNG")
-        os.replace(tmp, out / "overlays" / f"{s.stem}.png")
-        rows.append({"stem": s.stem, "score": p.score, "anomalous": bool(p.score > threshold),
-                     "rgb": str(s.paths.rgb) if s.paths.rgb else None,
-                     "xyz": str(s.paths.xyz) if s.paths.xyz else None})
-    tmp = out / ".scores.json.tmp"
-    tmp.write_text(json.dumps({"threshold": threshold, "samples": rows}, indent=2))
-    os.replace(tmp, out / "scores.json")
+    with atomic_folder(out, is_predict_output) as tmp:
+        for s, p in zip(samples, preds):
+            write_tiff_atomic(tmp / "maps" / f"{s.stem}.tiff", p.anomaly_map.astype(np.float32))
+            write_png_atomic(tmp / "overlays" / f"{s.stem}.png", overlay(s.rgb, p.anomaly_map, threshold))
+            rows.append({"stem": s.stem, "score": p.score, "anomalous": bool(p.score > threshold),
+                         "rgb": str(s.paths.rgb) if s.paths.rgb else None,
+                         "xyz": str(s.paths.xyz) if s.paths.xyz else None})
+        write_bytes_atomic(tmp / "scores.json", json.dumps(
+            {"threshold": threshold, "samples": rows}, indent=2).encode())
     return out

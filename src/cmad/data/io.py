@@ -6,17 +6,19 @@ then `os.replace`, so a reader never sees a half-written file.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import tifffile
 from PIL import Image
 
-from cmad.errors import DataError
+from cmad.errors import DataError, OutputError
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +30,7 @@ __all__ = [
     "write_bytes_atomic",
     "write_png_atomic",
     "write_tiff_atomic",
+    "atomic_folder",
 ]
 
 
@@ -191,3 +194,40 @@ def write_png_atomic(path: str | Path, arr: np.ndarray, compress_level: int | No
     img = Image.fromarray(arr)
     opts = {} if compress_level is None else {"compress_level": compress_level}
     write_atomic(Path(path), lambda tmp: img.save(tmp, format="PNG", **opts))
+
+
+@contextlib.contextmanager
+def atomic_folder(out: str | Path, is_ours: Callable[[Path], bool]) -> Iterator[Path]:
+    """Build a folder whole, then put it in place: yields a fresh temporary sibling of `out`
+    to write into; on success it replaces `out` (an earlier output that `is_ours` accepts),
+    on any failure it is removed, so `out` is the old output or the new one, never a mix.
+    A non-empty `out` that `is_ours` rejects is refused before any work."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not is_ours(out))):
+        raise OutputError(out, "exists and is not an earlier output of this command; "
+                               "choose a new or empty folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.*"):  # left by a killed earlier run
+        if stale.is_dir() and stale.suffix in (".tmp", ".old"):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())
+        old = None
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            os.rmdir(old)
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -21,6 +21,7 @@ from safetensors.numpy import save as st_save
 from scipy import ndimage
 from tqdm import tqdm
 
+from cmad.cache import entry_path, file_digest, key_of
 from cmad.data.io import write_bytes_atomic
 from cmad.errors import ConfigError
 from cmad.types import Geometry, Prepared, Sample
@@ -37,7 +38,9 @@ __all__ = [
     "to_working",
 ]
 
-CACHE_VERSION = "1"
+# Bump when the preprocessing code changes what it computes: cached entries and saved models
+# made by other code versions are then recomputed / refused.
+CODE_VERSION = "2"
 MIN_RING_POINTS = 10
 _RANSAC_SCORE_POINTS = 4096
 _INTERP = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
@@ -300,15 +303,13 @@ class Preprocessor:
                 files.append(None)
                 continue
             try:
-                st = Path(p).stat()
+                files.append(file_digest(p))
             except OSError:
                 return None
-            files.append([str(Path(p).resolve()), st.st_size, st.st_mtime_ns])
         if all(f is None for f in files):
             return None
-        payload = json.dumps({"version": CACHE_VERSION, "files": files, "shape": sample.size,
-                              "config": self.config.digest()}, sort_keys=True)
-        return hashlib.sha1(payload.encode()).hexdigest()
+        return key_of({"version": CODE_VERSION, "files": files, "shape": sample.size,
+                       "config": self.config.digest()})
 
     def _cache_path(self, key: str, sample: Sample) -> Path:
         cache = self.cache_dir.resolve()  # type: ignore[union-attr]
@@ -321,7 +322,7 @@ class Preprocessor:
             if in_layout and (cache == parents[3] or parents[3] in cache.parents):
                 raise ConfigError(f"cache folder {cache} lies inside the dataset folder "
                                   f"{parents[3]}; choose a folder outside the dataset")
-        return cache / "preprocess" / key[:2] / f"{key}.safetensors"
+        return entry_path(cache, "preprocess", key)
 
     def _read_cache(self, path: Path, key: str, sample: Sample) -> dict[str, np.ndarray] | None:
         if not path.is_file():
@@ -348,7 +349,7 @@ class Preprocessor:
 
     def _write_cache(self, path: Path, key: str, arrays: dict[str, np.ndarray]) -> None:
         data = st_save({k: np.ascontiguousarray(v) for k, v in arrays.items()},
-                       metadata={"key": key, "version": CACHE_VERSION,
+                       metadata={"key": key, "version": CODE_VERSION,
                                  "config": json.dumps(self.config.to_dict(), sort_keys=True)})
         try:
             write_bytes_atomic(path, data)

@@ -20,9 +20,7 @@ import hashlib
 import importlib
 import json
 import logging
-import os
 import pickle
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -35,6 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from cmad.cache import default_cache_dir
+from cmad.data.io import write_atomic
 from cmad.errors import ConfigError, DataError, ModelFormatError
 
 log = logging.getLogger(__name__)
@@ -406,12 +406,6 @@ class FeaturePipeline(nn.Module):
         return f
 
 
-def default_cache_dir() -> Path:
-    """$CMAD_CACHE_DIR, else ~/.cache/cmad."""
-    env = os.environ.get("CMAD_CACHE_DIR")
-    return Path(env) if env else Path.home() / ".cache" / "cmad"
-
-
 def identity_digest(identity: dict[str, Any]) -> str:
     blob = json.dumps(identity, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()
@@ -540,27 +534,24 @@ class RGBExtractor:
 
     def _export(self, path: Path) -> None:
         """Export the truncated pipeline to `path` atomically (temporary file, then rename)."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".onnx.tmp")
-        os.close(fd)
         example = torch.zeros((1, self.cfg.size, self.cfg.size, 3), dtype=torch.uint8)
         log.info("exporting %s to ONNX at %s", self.cfg.backbone, path)
-        try:
+
+        def export(tmp: Path) -> None:
             with warnings.catch_warnings(), torch.no_grad():
                 warnings.simplefilter("ignore")
                 torch.onnx.export(
                     self.pipeline,
                     (example,),
-                    tmp,
+                    str(tmp),
                     input_names=["rgb"],
                     output_names=["features"],
                     dynamic_axes={"rgb": {0: "batch"}, "features": {0: "batch"}},
                     opset_version=ONNX_OPSET,
                     dynamo=False,
                 )
-            os.replace(tmp, path)
+
+        try:
+            write_atomic(path, export)
         except (RuntimeError, ValueError, TypeError, OSError) as exc:
             raise ConfigError(f"ONNX export of {self.cfg.backbone!r} failed: {exc}") from exc
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)

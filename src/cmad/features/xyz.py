@@ -42,6 +42,8 @@ from cmad.errors import ConfigError
 log = logging.getLogger(__name__)
 
 DIM = 33
+# Bump when the descriptor's code changes its values: caches and saved models are invalidated.
+CODE_VERSION = "2"
 BACKENDS = ("numba", "open3d")
 
 
@@ -595,6 +597,10 @@ _POOLS: dict[int, ThreadPoolExecutor] = {}
 def _threads(cfg: FPFHConfig) -> int:
     if cfg.threads is not None:
         return int(cfg.threads)
+    from cmad.runtime import thread_limit
+
+    if thread_limit() is not None:
+        return int(thread_limit())
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
@@ -820,7 +826,7 @@ class FPFHExtractor:
         """
         settings = self.cfg.to_dict()
         del settings["threads"]
-        return {"name": "fpfh", "dim": DIM, **settings}
+        return {"name": "fpfh", "code": CODE_VERSION, "dim": DIM, **settings}
 
     def point_features(self, xyz: np.ndarray, foreground: np.ndarray) -> np.ndarray:
         """Per-point FPFH (S', S', 33) on the sampled grid, with the configured backend."""

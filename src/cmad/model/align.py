@@ -173,7 +173,8 @@ class CrossModalAlignment:
     def round_to_float16(self) -> None:
         """Round every stored tensor to float16 precision (kept as float32 for compute), so
         the model saved in float16 scores exactly as the one in memory."""
-        assert self.net is not None
+        if self.net is None:
+            raise RuntimeError("CrossModalAlignment.round_to_float16 called before fit")
         with torch.no_grad():
             for t in self.net.state_dict().values():
                 t.copy_(t.half().float())
@@ -192,7 +193,8 @@ class CrossModalAlignment:
 
     def state_dict(self, half: bool = False) -> dict[str, torch.Tensor]:
         """Tensors to save; `half` stores them as float16 (after `round_to_float16`)."""
-        assert self.net is not None
+        if self.net is None:
+            raise RuntimeError("CrossModalAlignment.state_dict called before fit")
         sd = {f"net.{k}": v.detach().clone().contiguous() for k, v in self.net.state_dict().items()}
         sd.update(
             app_mean=self.app_mean, app_std=self.app_std, geo_mean=self.geo_mean, geo_std=self.geo_std

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
-METRICS: tuple[str, ...] = ("I-AUROC", "P-AUROC", "AUPRO@30%", "AUPRO@10%", "AUPRO@5%",
-                            "AUPRO@1%")
+from cmad.metrics import METRIC_KEYS as METRICS  # noqa: E402 - the one list of metric names
+
 HEADLINE_METRICS: tuple[str, ...] = ("I-AUROC", "P-AUROC", "AUPRO@30%")
 BASELINE = "btf"
 NA = "n/a"

@@ -1,0 +1,55 @@
+"""Which samples fit a model: training / validation splits and few-shot selection."""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from cmad.errors import ConfigError
+from cmad.types import Sample
+
+log = logging.getLogger(__name__)
+
+
+def select_shots(train: list, shots: int | None, seed: int) -> list:
+    """K training items chosen with the seed (all of them when shots is None)."""
+    if shots is None:
+        return list(train)
+    if isinstance(shots, bool) or not isinstance(shots, int) or shots <= 0:
+        raise ConfigError(f"--shots must be a positive integer, got {shots!r}")
+    if shots >= len(train):
+        if shots > len(train):
+            log.warning("%d shots asked for, but there are only %d training samples: using all",
+                        shots, len(train))
+        return list(train)
+    rng = np.random.default_rng(seed)
+    idx = sorted(rng.choice(len(train), size=shots, replace=False).tolist())
+    return [train[i] for i in idx]
+
+
+def split_source(source: Any, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """(train, validation) samples of a Category, or of a list of normal Samples (those with
+    split "validation" validate; without any, a seeded 20% of the list is held back)."""
+    if hasattr(source, "samples") and callable(source.samples):
+        train = source.samples("train")
+        has_val = "validation" in getattr(source, "splits", ["validation"])
+        val = source.samples("validation") if has_val else []
+    else:
+        items = list(source)
+        if not items or not all(isinstance(s, Sample) for s in items):
+            raise ConfigError("fit() takes a cmad.data Category or a non-empty list of Sample")
+        bad = [s for s in items if s.label != 0]
+        if bad:
+            raise ConfigError(f"fit() takes normal samples only; {len(bad)} of the {len(items)} "
+                              f"given are anomalous (first: {bad[0].key})")
+        train = [s for s in items if s.split != "validation"]
+        val = [s for s in items if s.split == "validation"]
+    if not val and len(train) >= 2:
+        rng = np.random.default_rng(seed)
+        n_val = max(1, len(train) // 5)
+        hold = set(rng.choice(len(train), size=n_val, replace=False).tolist())
+        val = [s for i, s in enumerate(train) if i in hold]
+        train = [s for i, s in enumerate(train) if i not in hold]
+        log.warning("no validation split: holding back %d training samples for it", n_val)
+    return train, val

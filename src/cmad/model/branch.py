@@ -1,0 +1,82 @@
+"""The shape every branch has: what features it needs, how it fits, scores and saves.
+
+A branch turns patch features into one raw anomaly score per patch (higher = more
+anomalous) and says which patches its score is defined on. The detector core loops over a
+list of branches and never asks which kind a branch is. Adding a branch is one file in
+`cmad.model.branches` plus one line in its registry.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from cmad.features import FeatureMaps, modalities_of
+
+if TYPE_CHECKING:
+    from cmad.model.config import DetectorConfig
+
+
+def flat(t: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) -> (B*h*w, C)."""
+    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+
+
+class Branch(ABC):
+    """One anomaly-scoring branch.
+
+    Class attributes: `name` (the registry key used in configs), `display` (tables and
+    panels), `needs` (feature names, see `cmad.features`), `cross_modal` (True when the
+    branch scores how the two modalities relate), `stage` (the timing stage its scoring is
+    charged to), `panel` (the report panel column it is drawn in: "cross-modal",
+    "rgb-bank" or "3d-bank").
+    """
+
+    name: ClassVar[str]
+    display: ClassVar[str]
+    needs: ClassVar[tuple[str, ...]]
+    cross_modal: ClassVar[bool] = False
+    stage: ClassVar[str] = "bank_search"
+    panel: ClassVar[str] = "cross-modal"
+
+    def __init__(self, config: DetectorConfig) -> None:
+        self.config = config
+        self.info: dict[str, Any] = {}
+
+    @classmethod
+    def needs_for(cls, config: DetectorConfig) -> tuple[str, ...]:
+        """The features this branch needs under `config` (the class's `needs` by default)."""
+        return cls.needs
+
+    @classmethod
+    def modalities(cls, config: DetectorConfig) -> set[str]:
+        return modalities_of(cls.needs_for(config))
+
+    @abstractmethod
+    def fit(self, train: FeatureMaps, val: FeatureMaps, progress: bool = False) -> None:
+        """Fit on normal training patches; `val` holds normal validation samples only."""
+
+    @abstractmethod
+    def score(self, fm: FeatureMaps) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw (B, h, w) patch scores and the (B, h, w) patches where they are defined."""
+
+    @abstractmethod
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The tensors to save (safetensors)."""
+
+    @abstractmethod
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        """Restore from `state_dict()` tensors and `meta()`."""
+
+    def meta(self) -> dict[str, Any]:
+        """JSON-able settings learnt in fitting that are not tensors."""
+        return {}
+
+    @property
+    def bank_entries(self) -> int:
+        return 0
+
+    @property
+    def bank_bytes(self) -> int:
+        return 0

@@ -1,0 +1,20 @@
+"""The registry of branches: name -> class. Adding a branch is a file here plus one line."""
+from __future__ import annotations
+
+from cmad.model.branch import Branch
+from cmad.model.branches.align import AlignBranch
+from cmad.model.branches.banks import JointBank, RGBBank, XYZBank
+
+REGISTRY: dict[str, type[Branch]] = {b.name: b for b in (
+    AlignBranch,
+    JointBank,
+    RGBBank,
+    XYZBank,
+)}
+
+
+def branch_class(name: str) -> type[Branch]:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown branch {name!r}; known: {sorted(REGISTRY)}") from None

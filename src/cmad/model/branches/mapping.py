@@ -1,0 +1,67 @@
+"""`mapping`: the dense cross-modal mapping (see `cmad.model.mapping`) as a branch.
+
+The RGB CNN features of a patch and the CNN features of the same patch of the rendered
+geometry (`mapping_b`: "geom", optionally with "xyz", FPFH) predict each other on normal
+parts; the score is how badly each is predicted from the other. Defined on patches on the
+part (enough foreground).
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from cmad.features import FeatureMaps
+from cmad.model.branch import Branch, flat
+from cmad.model.mapping import CrossModalMapping
+
+
+class MappingBranch(Branch):
+    name = "mapping"
+    display = "cross-modal mapping"
+    needs = ("rgb", "geom")
+    cross_modal = True
+    stage = "mapping"
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        self.model: CrossModalMapping | None = None
+
+    @classmethod
+    def needs_for(cls, config) -> tuple[str, ...]:
+        return ("rgb", *config.mapping_b)
+
+    def _inputs(self, fm: FeatureMaps) -> tuple[torch.Tensor, torch.Tensor]:
+        b = torch.cat([fm[n] if n != "xyz" else fm[n] * fm.xyz_valid[:, None].float()
+                       for n in self.config.mapping_b], 1)
+        return flat(fm["rgb"]), flat(b)
+
+    def where(self, fm: FeatureMaps) -> torch.Tensor:
+        return fm.valid & fm.image
+
+    def fit(self, train: FeatureMaps, val: FeatureMaps, progress: bool = False) -> None:
+        cfg = self.config
+        mask, vmask = self.where(train).reshape(-1), self.where(val).reshape(-1)
+        a, b = self._inputs(train)
+        va, vb = self._inputs(val)
+        self.model = CrossModalMapping(replace(cfg.mapping, seed=cfg.seed))
+        self.model.fit(a[mask], b[mask], va[vmask], vb[vmask], progress=progress)
+        if cfg.align_float16:
+            self.model.round_to_float16()
+        self.info = {"epochs": len(getattr(self.model, "history", []))}
+
+    def score(self, fm: FeatureMaps) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.model is None:
+            raise RuntimeError("mapping: score called before fit")
+        bsz, h, w = fm.valid.shape
+        return self.model.score(*self._inputs(fm)).reshape(bsz, h, w), self.where(fm)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        if self.model is None:
+            raise RuntimeError("mapping: not fitted")
+        return self.model.state_dict(half=self.config.align_float16)
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        self.model = CrossModalMapping(replace(self.config.mapping, seed=self.config.seed))
+        self.model.load_state_dict(tensors)

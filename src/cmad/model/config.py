@@ -1,0 +1,161 @@
+"""`DetectorConfig`: everything that defines a model, typed and frozen, checked when built.
+
+Read a YAML / JSON file with `DetectorConfig.from_file(path)`: an unknown key at any level or
+a bad value raises `ConfigError` naming the file and the dotted key.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from cmad.configs import build, merge, to_plain
+from cmad.data.preprocess import PreprocessConfig
+from cmad.errors import ConfigError
+from cmad.features.rgb import RGBConfig
+from cmad.features.xyz import FPFHConfig
+from cmad.model.align import AlignConfig
+from cmad.model.bank import DTYPES as BANK_DTYPES
+
+# joint: the joint bank half, the others share the other half equally (equal when there is
+# no joint bank); equal: every active branch the same weight; auto: chosen on pasted defects
+WEIGHT_SCHEMES = ("joint", "equal", "auto")
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    """Everything that defines a model. Saved with it as JSON.
+
+    `size` sets the working resolution of preprocessing, the CNN and the feature grid
+    (size / 8); `branches` names registered branches (`cmad.model.branches.REGISTRY`).
+    """
+
+    size: int = 224
+    branches: tuple[str, ...] = ("align", "joint_bank", "rgb_bank", "xyz_bank")
+    bank_fraction: float = 0.015
+    bank_max_entries: int | None = 20000
+    bank_min_entries: int = 128
+    joint_fraction: float = 0.06
+    bank_pca: int | None = None
+    bank_dtype: str = "int4"
+    align_float16: bool = True
+    align_app: tuple[str, ...] = ("colour",)
+    align_geo: tuple[str, ...] = ("xyz", "context")
+    weights: Mapping[str, float] | str = "joint"
+    sigma: float = 4.0
+    score_mode: str = "max"
+    topk: int = 10
+    seed: int = 0
+    calib_per_sample: int = 2
+    batch_size: int = 8
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    rgb: RGBConfig = field(default_factory=RGBConfig)
+    xyz: FPFHConfig = field(default_factory=FPFHConfig)
+    align: AlignConfig = field(default_factory=lambda: AlignConfig(variant="latent", hidden=64))
+
+    def __post_init__(self) -> None:
+        from cmad.model.branches import REGISTRY
+
+        if isinstance(self.branches, str):
+            raise ConfigError(f"branches must be a list of names, got the string {self.branches!r}")
+        object.__setattr__(self, "branches", tuple(self.branches))
+        object.__setattr__(self, "align_app", tuple(self.align_app))
+        object.__setattr__(self, "align_geo", tuple(self.align_geo))
+        if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size % 8 or self.size < 32:
+            raise ConfigError(f"size must be a multiple of 8 and at least 32, got {self.size}")
+        # the working resolution reaches every stage from here
+        for name, kind in (("preprocess", PreprocessConfig), ("rgb", RGBConfig), ("xyz", FPFHConfig),
+                           ("align", AlignConfig)):
+            if not isinstance(getattr(self, name), kind):
+                raise ConfigError(f"{name} must be a {kind.__name__}, got {getattr(self, name)!r}")
+        object.__setattr__(self, "preprocess", replace(self.preprocess, size=self.size))
+        object.__setattr__(self, "rgb", replace(self.rgb, size=self.size))
+        object.__setattr__(self, "xyz", replace(self.xyz, grid=(self.size // 8, self.size // 8)))
+        if self.score_mode not in ("max", "topk"):
+            raise ConfigError(f"score_mode must be 'max' or 'topk', got {self.score_mode!r}")
+        for name in ("bank_fraction", "joint_fraction"):
+            v = getattr(self, name)
+            if not 0.0 < v <= 1.0:
+                raise ConfigError(f"{name} must be in (0, 1], got {v}")
+        if self.bank_max_entries is not None and self.bank_max_entries < 1:
+            raise ConfigError(f"bank_max_entries must be >= 1 or null, got {self.bank_max_entries}")
+        if self.bank_min_entries < 0:
+            raise ConfigError(f"bank_min_entries must be >= 0, got {self.bank_min_entries}")
+        if self.bank_pca is not None and self.bank_pca < 1:
+            raise ConfigError(f"bank_pca must be >= 1 or null, got {self.bank_pca}")
+        if self.bank_dtype not in BANK_DTYPES:
+            raise ConfigError(f"bank_dtype must be one of {list(BANK_DTYPES)}, got {self.bank_dtype!r}")
+        if self.sigma < 0:
+            raise ConfigError(f"sigma must be >= 0, got {self.sigma}")
+        for name in ("topk", "calib_per_sample", "batch_size"):
+            if getattr(self, name) < (0 if name == "calib_per_sample" else 1):
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.seed < 0:
+            raise ConfigError(f"seed must be >= 0, got {self.seed}")
+        for name, parts, allowed in (("align_app", self.align_app, ("rgb", "colour")),
+                                     ("align_geo", self.align_geo, ("xyz", "context", "geom"))):
+            if not parts or set(parts) - set(allowed):
+                raise ConfigError(f"{name} must be a non-empty subset of {list(allowed)}, "
+                                  f"got {list(parts)}")
+        bad = [b for b in self.branches if b not in REGISTRY]
+        if bad or not self.branches:
+            raise ConfigError(f"unknown branches {bad or '(none)'}; choose from {sorted(REGISTRY)}")
+        if len(set(self.branches)) != len(self.branches):
+            raise ConfigError(f"branches must be distinct, got {list(self.branches)}")
+        if isinstance(self.weights, str):
+            if self.weights not in WEIGHT_SCHEMES:
+                raise ConfigError(f"weights must be one of {list(WEIGHT_SCHEMES)} or a mapping of "
+                                  f"branch to weight, got {self.weights!r}")
+        else:
+            object.__setattr__(self, "weights", {str(k): float(v) for k, v in self.weights.items()})
+            extra = set(self.weights) - set(self.branches)
+            if extra:
+                raise ConfigError(f"weights for branches not in use: {sorted(extra)}")
+            if any(v < 0 for v in self.weights.values()):
+                raise ConfigError(f"weights must be >= 0, got {self.weights}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_plain(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], where: str | None = None) -> DetectorConfig:
+        """Build from a plain mapping (keys as in `to_dict`); errors name `where`."""
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"{where + ': ' if where else ''}a config must be a mapping of keys "
+                              f"to values, got {d!r}")
+        d = dict(d)
+        size = d.get("size", 224)
+        derived = (("preprocess", "size", size), ("rgb", "size", size),
+                   ("xyz", "grid", [size // 8, size // 8] if isinstance(size, int) else None))
+        for key, sub, value in derived:
+            if isinstance(d.get(key), Mapping) and sub in d[key]:
+                given = d[key][sub]
+                if (list(given) if isinstance(given, list | tuple) else given) != value:
+                    raise ConfigError(f"{where + ': ' if where else ''}{key}.{sub}: set by the "
+                                      f"top-level `size`, not here (got {given!r})")
+                d[key] = {k: v for k, v in d[key].items() if k != sub}
+        return build(cls, d, where)
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> DetectorConfig:
+        """A copy with some fields replaced (nested mappings merge into nested configs)."""
+        base = self.to_dict()
+        if "size" in overrides:
+            for key in ("preprocess", "rgb"):
+                base[key].pop("size", None)
+            base["xyz"].pop("grid", None)
+        return DetectorConfig.from_dict(merge(base, dict(overrides)))
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> DetectorConfig:
+        """Read a YAML or JSON config file (keys as in `to_dict`)."""
+        import yaml
+
+        p = Path(path)
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            raise ConfigError(f"{p}: cannot read config: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: a config file must hold a mapping of keys to values")
+        return cls.from_dict(data, where=str(p))

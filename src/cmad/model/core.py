@@ -1,0 +1,215 @@
+"""The detector core: branches fitted on patch features, their maps fused into one.
+
+Pure: features in, maps and scores out; no files, no preprocessing, no progress state kept
+between calls (timings are returned as values). `cmad.pipeline.Detector` feeds it.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from cmad.errors import ConfigError
+from cmad.features import FeatureMaps, pool_cells
+from cmad.model.branch import Branch
+from cmad.model.branches import REGISTRY, branch_class
+from cmad.model.config import DetectorConfig
+from cmad.model.fusion import choose_weights, combine, image_scores, normalise, robust_stats, upsample
+
+log = logging.getLogger(__name__)
+
+
+def active_branches(branches: Sequence[str], modalities: Sequence[str],
+                    config: DetectorConfig | None = None) -> tuple[str, ...]:
+    """The branches whose features these modalities (rgb and/or xyz) provide."""
+    cfg = config or DetectorConfig()
+    return tuple(b for b in branches if branch_class(b).modalities(cfg) <= set(modalities))
+
+
+def feature_needs(config: DetectorConfig, modalities: Sequence[str]) -> set[str]:
+    """The union of the features the runnable branches of `config` need."""
+    need: set[str] = set()
+    for b in active_branches(config.branches, modalities, config):
+        need |= set(branch_class(b).needs_for(config))
+    return need
+
+
+def scheme_weights(branches: Sequence[str], scheme: str) -> dict[str, float]:
+    """Fixed fusion weights (summing to 1) for 'equal' or 'joint' (cross-modal banks half)."""
+    joint = [b for b in branches if b == "joint_bank"]
+    if scheme == "joint" and joint and len(joint) < len(branches):
+        rest = len(branches) - len(joint)
+        return {b: (0.5 / len(joint) if b in joint else 0.5 / rest) for b in branches}
+    return {b: 1.0 / len(branches) for b in branches}
+
+
+@dataclass
+class FitReport:
+    """What fitting did: sizes, times, chosen weights, calibration criteria."""
+
+    n_train: int = 0
+    n_val: int = 0
+    fit_s: float = 0.0
+    bank_entries: dict[str, int] = field(default_factory=dict)
+    weights: dict[str, float] = field(default_factory=dict)
+    single_branch_criterion: dict[str, float] = field(default_factory=dict)
+    branch_info: dict[str, dict[str, Any]] = field(default_factory=dict)
+    branch_fit_s: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Scored:
+    """Scores of a batch: image scores (B,), fused pixel maps (B, S, S) at working
+    resolution (the padding set to each map's floor), per-branch standardised pixel maps,
+    and the ms per sample of each stage."""
+
+    scores: np.ndarray
+    maps: np.ndarray
+    branch_maps: dict[str, np.ndarray]
+    timings_ms: dict[str, float]
+
+
+class DetectorCore:
+    """Branches + per-branch normalisation + fusion weights + image-score threshold."""
+
+    def __init__(self, config: DetectorConfig) -> None:
+        self.config = config
+        self.modalities: list[str] = []
+        self.branches: list[Branch] = []
+        self.norm: dict[str, tuple[float, float]] = {}
+        self.weights: dict[str, float] = {}
+        self.threshold: float = float("inf")
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(b.name for b in self.branches)
+
+    @property
+    def needs(self) -> set[str]:
+        out: set[str] = set()
+        for b in self.branches:
+            out |= set(b.needs_for(self.config))
+        return out
+
+    def _build(self, modalities: Sequence[str]) -> None:
+        names = active_branches(self.config.branches, modalities, self.config)
+        if not names:
+            raise ConfigError(f"none of the branches {list(self.config.branches)} can run on "
+                              f"modalities {list(modalities)}")
+        self.modalities = list(modalities)
+        self.branches = [REGISTRY[n](self.config) for n in names]
+
+    # ---------------------------------------------------------------- fitting
+    def fit(self, train: FeatureMaps, calib: FeatureMaps, labels: np.ndarray, gt: np.ndarray,
+            area: np.ndarray, modalities: Sequence[str], progress: bool = False) -> FitReport:
+        """Fit every branch on `train` (normal patches), then normalise and fuse on `calib`:
+        validation normals (label 0) and, for `weights: auto`, copies with pasted defects
+        (label 1, `gt` their (B, S, S) masks). `area`: (B, S, S) pixels inside each image."""
+        cfg = self.config
+        report = FitReport()
+        self._build(modalities)
+        normal = torch.from_numpy(np.asarray(labels) == 0)
+        if not bool(normal.any()):
+            raise ConfigError("no normal validation samples to normalise the branches on")
+        val = calib.select(normal)
+        if any("xyz" in b.needs_for(cfg) for b in self.branches) and not bool(train.mask3d().any()):
+            raise ConfigError(
+                "no valid 3D patches in the training data: no patch has enough foreground "
+                "points with FPFH neighbours. Check that the point clouds are in metres, that "
+                "background removal keeps the part (preprocess.plane_threshold), and the FPFH "
+                "radii (xyz.feature_radius) for this scale.")
+        for b in self.branches:
+            t = time.perf_counter()
+            b.fit(train, val, progress=progress)
+            report.branch_fit_s[b.name] = time.perf_counter() - t
+            report.branch_info[b.name] = dict(b.info)
+        raw, _ = self.branch_scores(calib)
+        self.norm = {n: robust_stats(s[normal], v[normal]) for n, (s, v) in raw.items()}
+        maps = {n: normalise(s, v, *self.norm[n]) for n, (s, v) in raw.items()}
+        names = self.names
+        if isinstance(cfg.weights, dict):
+            self.weights = {n: float(cfg.weights.get(n, 0.0)) for n in names}
+        elif cfg.weights in ("equal", "joint") or len(names) == 1:
+            self.weights = scheme_weights(names, cfg.weights)
+        else:
+            grid = calib.grid
+            gt_patch = torch.from_numpy(np.stack(
+                [pool_cells(g.astype(np.float32)[..., None], grid)[..., 0] >= 0.25 for g in gt]))
+            self.weights, report.single_branch_criterion = choose_weights(
+                maps, gt_patch, calib.image, np.asarray(labels))
+        if not any(self.weights.values()):
+            raise ConfigError(f"all active branches {list(names)} have weight 0")
+        report.weights = dict(self.weights)
+        fused = combine({n: m[normal] for n, m in maps.items()}, self.weights)
+        pix = upsample(fused, cfg.size, cfg.sigma)
+        self.threshold = float(image_scores(pix, area[normal.numpy()], cfg.score_mode, cfg.topk).max())
+        report.bank_entries = {b.name: b.bank_entries for b in self.branches if b.bank_entries}
+        return report
+
+    # ---------------------------------------------------------------- scoring
+    def branch_scores(self, fm: FeatureMaps
+                      ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, float]]:
+        """Raw (B, h, w) patch scores and validity of each branch, and ms per sample by stage."""
+        out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        ms: dict[str, float] = {}
+        n = max(len(fm), 1)
+        for b in self.branches:
+            t = time.perf_counter()
+            out[b.name] = b.score(fm)
+            ms[b.stage] = ms.get(b.stage, 0.0) + (time.perf_counter() - t) * 1000.0 / n
+        return out, ms
+
+    def score(self, fm: FeatureMaps, area: np.ndarray, branch_maps: bool = True) -> Scored:
+        """Image scores and maps of a batch; `area` (B, S, S): pixels inside each image.
+        `branch_maps=False` skips the per-branch pixel maps (only the fused map is needed)."""
+        if not self.branches:
+            raise RuntimeError("the detector has not been fitted or loaded")
+        raw, ms = self.branch_scores(fm)
+        t = time.perf_counter()
+        cfg = self.config
+        maps = {n: normalise(s, v, *self.norm[n]) for n, (s, v) in raw.items()}
+        pix = upsample(combine(maps, self.weights), cfg.size, cfg.sigma)
+        floor = np.array([min(0.0, float(m[a].min())) if a.any() else 0.0
+                          for m, a in zip(pix, area)], dtype=np.float32)
+        pix = np.where(area, pix, floor[:, None, None]).astype(np.float32)
+        scores = image_scores(pix, area, cfg.score_mode, cfg.topk)
+        bpix = {n: upsample(m, cfg.size, cfg.sigma) for n, m in maps.items()} if branch_maps else {}
+        ms["fusion"] = (time.perf_counter() - t) * 1000.0 / max(len(fm), 1)
+        return Scored(scores, pix, bpix, ms)
+
+    # ---------------------------------------------------------------- persistence
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for b in self.branches:
+            out.update({f"{b.name}.{k}": v.contiguous() for k, v in b.state_dict().items()})
+        return out
+
+    def meta(self) -> dict[str, Any]:
+        return {"modalities": self.modalities, "branches": list(self.names),
+                "norm": {n: list(v) for n, v in self.norm.items()}, "weights": self.weights,
+                "threshold": self.threshold,
+                "branch_meta": {b.name: b.meta() for b in self.branches}}
+
+    @classmethod
+    def from_state(cls, config: DetectorConfig, tensors: dict[str, torch.Tensor],
+                   meta: dict[str, Any]) -> DetectorCore:
+        """Inverse of `tensors()` / `meta()`; KeyError / ValueError / RuntimeError on a mismatch."""
+        core = cls(config)
+        core.modalities = [str(m) for m in meta["modalities"]]
+        names = [str(n) for n in meta["branches"]]
+        unknown = [n for n in names if n not in REGISTRY]
+        if unknown or not names:
+            raise ValueError(f"unknown or no branches {unknown or names}")
+        core.branches = [REGISTRY[n](config) for n in names]
+        core.norm = {n: (float(meta["norm"][n][0]), float(meta["norm"][n][1])) for n in names}
+        core.weights = {n: float(meta["weights"][n]) for n in names}
+        core.threshold = float(meta["threshold"])
+        for b in core.branches:
+            own = {k[len(b.name) + 1:]: v for k, v in tensors.items() if k.startswith(f"{b.name}.")}
+            b.load_state_dict(own, meta["branch_meta"].get(b.name, {}))
+        return core

@@ -1,0 +1,350 @@
+"""The public pipeline: samples -> prepared -> features -> detector core -> predictions.
+
+`Detector` is what the CLI, the bench and the Python API all use:
+
+>>> det = Detector(DetectorConfig()).fit(open_dataset(root).category("bagel"))
+>>> preds = det.predict(samples)
+>>> det.save("model/"); det = Detector.load("model/")
+
+A model folder holds `config.json` and one tensor file named by its content hash. The
+config is written last and names the tensor file and its hash, so a save that is killed
+part-way leaves the previous model loadable, and a folder whose files do not belong
+together is refused.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from tqdm.auto import tqdm
+
+from cmad import __version__
+from cmad.data.io import write_bytes_atomic
+from cmad.data.preprocess import Preprocessor, to_original
+from cmad.data.splits import select_shots, split_source
+from cmad.errors import ConfigError, DataError, ModelFormatError
+from cmad.features import FeatureExtractor, FeatureMaps
+from cmad.model.calibrate import calibration_set
+from cmad.model.config import DetectorConfig
+from cmad.model.core import DetectorCore, FitReport, feature_needs
+from cmad.types import Prediction, Prepared, Sample
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 3
+CONFIG_NAME = "config.json"
+
+
+def modalities_of_sample(s: Sample) -> list[str]:
+    return [m for m, a in (("rgb", s.rgb), ("xyz", s.xyz)) if a is not None]
+
+
+def pixel_area(prepared: Sequence[Prepared]) -> np.ndarray:
+    """(B, S, S) working-resolution pixels inside each original image (not padding)."""
+    return np.stack([p.geometry.image_mask(p.geometry.size, p.geometry.size) for p in prepared])
+
+
+def _add(into: dict[str, float], more: dict[str, float], weight: float = 1.0) -> None:
+    for k, v in more.items():
+        into[k] = into.get(k, 0.0) + v * weight
+
+
+def check_model_dir(out: str | Path) -> Path:
+    """Refuse a model output path that is a file or a folder holding anything but a model."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out}: model output path is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        cfg = out / CONFIG_NAME
+        ours = False
+        try:
+            ours = "format_version" in json.loads(cfg.read_text()) and "cmad_version" in json.loads(
+                cfg.read_text())
+        except (OSError, ValueError, TypeError):
+            ours = False
+        if not ours:
+            raise ConfigError(f"{out}: folder is not empty and holds no cmad model; refusing to "
+                              "write into it (choose a new or empty folder)")
+    return out
+
+
+class Detector:
+    """Fit on normal samples, then score new ones (see the module docstring).
+
+    `extractor`: share one `FeatureExtractor` between detectors whose feature settings are
+    the same (the bench does); it must extract at least the features this model needs.
+    """
+
+    def __init__(self, config: DetectorConfig | None = None, cache_dir: Path | None = None,
+                 rgb_runtime: str = "torch", extractor: FeatureExtractor | None = None) -> None:
+        self.config = config or DetectorConfig()
+        self.cache_dir = None if cache_dir is None else Path(cache_dir)
+        self.rgb_runtime = rgb_runtime
+        self.core = DetectorCore(self.config)
+        self.category = ""
+        self.report = FitReport()
+        self.preprocessor = Preprocessor(self.config.preprocess, cache_dir=self.cache_dir)
+        self._extractor = extractor
+
+    # ---------------------------------------------------------------- what the model is
+    @property
+    def modalities(self) -> list[str]:
+        return self.core.modalities
+
+    @property
+    def branches(self) -> tuple[str, ...]:
+        return self.core.names
+
+    @property
+    def threshold(self) -> float:
+        return self.core.threshold
+
+    @property
+    def weights(self) -> dict[str, float]:
+        return self.core.weights
+
+    @property
+    def bank_entries(self) -> int:
+        return int(sum(b.bank_entries for b in self.core.branches))
+
+    @property
+    def bank_bytes(self) -> int:
+        return int(sum(b.bank_bytes for b in self.core.branches))
+
+    @property
+    def model_bytes(self) -> int:
+        """Bytes of all tensors the model stores."""
+        return int(sum(v.numel() * v.element_size() for v in self.core.tensors().values()))
+
+    def extractor_for(self, modalities: Sequence[str]) -> FeatureExtractor:
+        """The feature extractor for the features this config needs on these modalities."""
+        needs = feature_needs(self.config, modalities)
+        if not needs:
+            raise ConfigError(f"none of the branches {list(self.config.branches)} can run on "
+                              f"modalities {list(modalities)}")
+        ext = self._extractor
+        if ext is None or not needs <= set(ext.needs):
+            cfg = self.config
+            ext = FeatureExtractor(needs, size=cfg.size, rgb=cfg.rgb, xyz=cfg.xyz,
+                                   cache_dir=self.cache_dir, rgb_runtime=self.rgb_runtime)
+            self._extractor = ext
+        return ext
+
+    @property
+    def extractor(self) -> FeatureExtractor:
+        if self._extractor is None:
+            raise RuntimeError("the detector has not been fitted or loaded")
+        return self._extractor
+
+    # ---------------------------------------------------------------- stages
+    def prepare(self, samples: Sequence[Sample], progress: bool = False) -> list[Prepared]:
+        return self.preprocessor.prepare_many(samples, progress=progress)
+
+    def features(self, prepared: Sequence[Prepared], progress: bool = False,
+                 desc: str = "features", cache: bool = True) -> tuple[FeatureMaps, dict[str, float]]:
+        """Features in batches (cached on disk when a cache dir is set and `cache`) and the
+        ms per sample of each stage."""
+        ext = self.extractor
+        digest = self.config.preprocess.digest() if cache else None
+        bs = self.config.batch_size
+        parts, ms = [], {}
+        with tqdm(total=len(prepared), desc=desc, unit="sample", leave=False,
+                  disable=not progress) as bar:
+            for s in range(0, len(prepared), bs):
+                chunk = prepared[s : s + bs]
+                fm, t = ext.extract(chunk, prep_digest=digest)
+                parts.append(fm)
+                _add(ms, t, len(chunk) / len(prepared))
+                bar.update(len(chunk))
+        return FeatureMaps.cat(parts), ms
+
+    # ---------------------------------------------------------------- fitting
+    def fit(self, source: Any, shots: int | None = None, progress: bool = True) -> Detector:
+        """Fit on a Category (train + validation splits) or a list of normal samples.
+
+        With a list, samples whose `split` is "validation" are the validation set; if there
+        are none, a seeded 20% of the list is held back. `shots` keeps K training samples
+        chosen with the seed (few-shot).
+        """
+        t0 = time.perf_counter()
+        train, val = split_source(source, self.config.seed)
+        train = select_shots(train, shots, self.config.seed)
+        if not train:
+            raise ConfigError("no training samples to fit on")
+        if not val:
+            raise ConfigError("no validation samples: fusion statistics need normal held-out data")
+        modalities = modalities_of_sample(train[0])
+        self.category = train[0].category
+        self.extractor_for(modalities)
+        prep_train = self.prepare(train, progress=progress)
+        prep_val = self.prepare(val, progress=progress)
+        train_fm, _ = self.features(prep_train, progress, desc="train features")
+        calib = self.calibration(prep_val, modalities)
+        calib_fm, _ = self.features(calib, progress, desc="validation features", cache=False)
+        self.fit_features(train_fm, calib_fm, calib, modalities, progress=progress)
+        self.report.n_train, self.report.n_val = len(train), len(val)
+        self.report.fit_s = time.perf_counter() - t0
+        return self
+
+    def calibration(self, prep_val: Sequence[Prepared], modalities: Sequence[str]) -> list[Prepared]:
+        """Validation normals plus copies with pasted defects (used only for `weights: auto`)."""
+        per = self.config.calib_per_sample if self.config.weights == "auto" else 0
+        return calibration_set(list(prep_val), seed=self.config.seed, per_sample=per,
+                               has_rgb="rgb" in modalities, has_xyz="xyz" in modalities)
+
+    def fit_features(self, train_fm: FeatureMaps, calib_fm: FeatureMaps,
+                     calib: Sequence[Prepared], modalities: Sequence[str],
+                     progress: bool = False, category: str | None = None) -> Detector:
+        """Fit from extracted features (`calib`: validation normals, maybe with pasted defects)."""
+        labels = np.array([p.label for p in calib])
+        gt = np.stack([p.gt for p in calib])
+        self.report = self.core.fit(train_fm, calib_fm, labels, gt, pixel_area(calib), modalities,
+                                    progress=progress)
+        if category is not None:
+            self.category = category
+        elif calib and not self.category:
+            self.category = calib[0].category
+        return self
+
+    # ---------------------------------------------------------------- scoring
+    def predict_features(self, fm: FeatureMaps, prepared: Sequence[Prepared],
+                         branch_maps: bool = True) -> tuple[list[Prediction], dict[str, float]]:
+        """Predictions from extracted features and the ms per sample of each stage."""
+        t = time.perf_counter()
+        res = self.core.score(fm, pixel_area(prepared), branch_maps=branch_maps)
+        preds = []
+        for i, p in enumerate(prepared):
+            preds.append(Prediction(
+                score=float(res.scores[i]), anomaly_map=to_original(res.maps[i], p.geometry),
+                anomaly_map_work=res.maps[i],
+                branch_maps={b: m[i] for b, m in res.branch_maps.items()},
+                key=p.key, label=p.label, defect_type=p.defect_type))
+        ms = dict(res.timings_ms)
+        ms["fusion"] = ms.get("fusion", 0.0) + (
+            (time.perf_counter() - t) * 1000.0 / max(len(prepared), 1)
+            - sum(res.timings_ms.values()))
+        return preds, ms
+
+    def predict_timed(self, samples: Sequence[Sample], progress: bool = False,
+                      branch_maps: bool = True) -> tuple[list[Prediction], dict[str, float]]:
+        """`predict` plus the ms per sample of each stage (read excluded)."""
+        if not self.core.branches:
+            raise RuntimeError("the detector has not been fitted or loaded")
+        self._check_modalities(samples)
+        out: list[Prediction] = []
+        ms: dict[str, float] = {}
+        bs = self.config.batch_size
+        n = max(len(samples), 1)
+        with tqdm(total=len(samples), desc="predict", unit="sample", leave=False,
+                  disable=not progress) as bar:
+            for s in range(0, len(samples), bs):
+                chunk = samples[s : s + bs]
+                t = time.perf_counter()
+                prep = self.prepare(chunk)
+                _add(ms, {"preprocess": (time.perf_counter() - t) * 1000.0 / len(chunk)},
+                     len(chunk) / n)
+                fm, t_feat = self.extractor.extract(prep)
+                preds, t_own = self.predict_features(fm, prep, branch_maps=branch_maps)
+                _add(ms, t_feat, len(chunk) / n)
+                _add(ms, t_own, len(chunk) / n)
+                out.extend(preds)
+                bar.update(len(chunk))
+        return out, ms
+
+    def predict(self, samples: Sequence[Sample], progress: bool = False,
+                branch_maps: bool = True) -> list[Prediction]:
+        """Score samples at their original resolution (maps at original size)."""
+        return self.predict_timed(samples, progress, branch_maps)[0]
+
+    def _check_modalities(self, samples: Sequence[Sample]) -> None:
+        for smp in samples:
+            have = modalities_of_sample(smp)
+            if not set(self.modalities) <= set(have):
+                raise DataError(smp.paths.rgb or smp.paths.xyz,
+                                f"the model needs {self.modalities}; this sample has {have}")
+
+    # ---------------------------------------------------------------- persistence
+    def save(self, out_dir: str | Path) -> Path:
+        """Write the model folder (see the module docstring); an old model there is replaced."""
+        if not self.core.branches:
+            raise RuntimeError("the detector has not been fitted")
+        out = check_model_dir(out_dir)
+        blob = st_save(self.core.tensors())
+        digest = hashlib.sha256(blob).hexdigest()
+        name = f"model-{digest[:16]}.safetensors"
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "cmad_version": __version__,
+            "tensors": name,
+            "tensors_sha256": digest,
+            "config": self.config.to_dict(),
+            "extractor": self.extractor.identity(self.core.needs),
+            "category": self.category,
+            **self.core.meta(),
+        }
+        out.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(out / name, blob)
+        write_bytes_atomic(out / CONFIG_NAME, json.dumps(meta, indent=2, sort_keys=True).encode())
+        for old in out.glob("model-*.safetensors"):
+            if old.name != name:
+                old.unlink(missing_ok=True)
+        return out
+
+    @classmethod
+    def load(cls, model_dir: str | Path, cache_dir: Path | None = None,
+             rgb_runtime: str = "torch") -> Detector:
+        """Load a saved model; refuses other format versions, extractors, or broken files."""
+        d = Path(model_dir)
+        cfg_path = d / CONFIG_NAME
+        if not cfg_path.is_file():
+            raise ModelFormatError(cfg_path, "missing: not a cmad model directory")
+        try:
+            meta = json.loads(cfg_path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ModelFormatError(cfg_path, f"unreadable model config: {exc}") from None
+        if not isinstance(meta, dict):
+            raise ModelFormatError(cfg_path, "model config is not a JSON object")
+        version = meta.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ModelFormatError(
+                cfg_path, f"model format version {version!r}; this cmad ({__version__}) reads "
+                f"version {FORMAT_VERSION}. Re-fit the model with this version.")
+        name = meta.get("tensors")
+        if not isinstance(name, str) or Path(name).name != name:
+            raise ModelFormatError(cfg_path, "model config names no tensor file")
+        ten_path = d / name
+        try:
+            blob = ten_path.read_bytes()
+        except OSError as exc:
+            raise ModelFormatError(ten_path, f"missing tensor file: {exc.strerror}") from None
+        if hashlib.sha256(blob).hexdigest() != meta.get("tensors_sha256"):
+            raise ModelFormatError(ten_path, "tensor file does not match config.json (a mixed "
+                                   "or damaged save); re-fit or restore the model folder")
+        try:
+            tensors = st_load(blob)
+        except (SafetensorError, ValueError) as exc:
+            raise ModelFormatError(ten_path, f"truncated or corrupt tensor file: {exc}") from None
+        try:
+            det = cls(DetectorConfig.from_dict(meta["config"], where=f"{cfg_path} config"),
+                      cache_dir=cache_dir, rgb_runtime=rgb_runtime)
+            det.core = DetectorCore.from_state(det.config, tensors, meta)
+            det.category = str(meta.get("category", ""))
+            saved_ext = meta["extractor"]
+        except (KeyError, TypeError, ValueError, RuntimeError, ConfigError) as exc:
+            raise ModelFormatError(cfg_path, f"missing or bad field in model config: {exc}") from None
+        ext = det.extractor_for(det.modalities)
+        mine = ext.identity(det.core.needs)
+        if json.dumps(mine, sort_keys=True, default=str) != json.dumps(saved_ext, sort_keys=True,
+                                                                      default=str):
+            raise ModelFormatError(cfg_path, "saved with a different feature extractor or code "
+                                   f"version ({saved_ext}) than this installation provides ({mine})")
+        return det

@@ -1,0 +1,77 @@
+"""The Branch shape: the detector loops over registered branches and never asks their kind."""
+import numpy as np
+import pytest
+import torch
+
+from cmad.data.mvtec3d import Dataset
+from cmad.model.branch import Branch
+from cmad.model.branches import REGISTRY
+from cmad.model.config import DetectorConfig
+from cmad.pipeline import Detector
+
+
+class BrightnessBranch(Branch):
+    """A toy branch: how far a patch's mean colour is from the training mean."""
+
+    name = "toy_brightness"
+    display = "toy"
+    needs = ("colour",)
+    panel = "rgb-bank"
+
+    def fit(self, train, val, progress=False):
+        self.mean = train["colour"][:, :3].mean(dim=(0, 2, 3))
+
+    def score(self, fm):
+        d = (fm["colour"][:, :3] - self.mean[None, :, None, None]).abs().sum(1)
+        return d, fm.image
+
+    def state_dict(self):
+        return {"mean": self.mean}
+
+    def load_state_dict(self, tensors, meta):
+        self.mean = tensors["mean"]
+
+
+@pytest.fixture
+def toy_registered(monkeypatch):
+    monkeypatch.setitem(REGISTRY, BrightnessBranch.name, BrightnessBranch)
+    yield
+
+
+def test_a_new_branch_is_one_class_and_one_registry_entry(toy_registered, tiny_root, tmp_path):
+    cat = Dataset(tiny_root).category(Dataset(tiny_root).categories[0])
+    cfg = DetectorConfig(size=64, branches=("toy_brightness", "rgb_bank"), bank_min_entries=16)
+    det = Detector(cfg).fit(cat, progress=False)
+    assert det.branches == ("toy_brightness", "rgb_bank")
+    # only the features the branches need are extracted: no FPFH for an RGB-only model
+    assert set(det.extractor.needs) == {"colour", "rgb"}
+    test = cat.samples("test")[:3]
+    preds, timings = det.predict_timed(test)
+    assert "xyz_features" not in timings and "colour_stats" in timings
+    assert set(preds[0].branch_maps) == {"toy_brightness", "rgb_bank"}
+    loaded = Detector.load(det.save(tmp_path / "m"))
+    assert [p.score for p in loaded.predict(test)] == [p.score for p in preds]
+
+
+def test_every_registered_branch_declares_its_shape():
+    for name, cls in REGISTRY.items():
+        assert cls.name == name
+        assert cls.display and cls.panel in ("cross-modal", "rgb-bank", "3d-bank")
+        needs = cls.needs_for(DetectorConfig())
+        assert needs and all(isinstance(n, str) for n in needs)
+
+
+def test_branch_scores_have_the_batch_grid_shape(tiny_root):
+    cat = Dataset(tiny_root).category(Dataset(tiny_root).categories[0])
+    det = Detector(DetectorConfig(size=64, bank_min_entries=16,
+                                  align=DetectorConfig().align.__class__(variant="latent",
+                                                                         hidden=16, epochs=2)))
+    det.fit(cat, progress=False)
+    prep = det.prepare(cat.samples("test")[:2])
+    fm, _ = det.extractor.extract(prep)
+    raw, ms = det.core.branch_scores(fm)
+    for name, (s, v) in raw.items():
+        assert s.shape == v.shape == (2, 8, 8), name
+        assert v.dtype == torch.bool and torch.isfinite(s).all()
+    assert set(ms) == {"bank_search", "alignment"}
+    assert np.all(np.array(list(ms.values())) >= 0)
