@@ -10,8 +10,9 @@ import tifffile
 from PIL import Image
 from scipy import ndimage
 
-from cmad.data import synth
+from cmad import synth
 from cmad.errors import ConfigError, DataError
+from cmad.report.montage import montage
 
 SPLIT_FOLDERS = {"train": ["good"], "validation": ["good"],
                  "test": ["good", *synth.DEFECT_TYPES, "combined"]}
@@ -232,7 +233,7 @@ def test_gt_marks_the_object_not_the_table() -> None:
 
 
 def test_montage(tiny_root: Path, tmp_path: Path) -> None:
-    out = synth.montage(tiny_root, tmp_path / "m.png", per_category=2)
+    out = montage(tiny_root, tmp_path / "m.png", per_category=2)
     img = Image.open(out)
     assert img.size[0] > 300 and img.size[1] > 300
 

@@ -66,7 +66,8 @@ def synth(
 ) -> None:
     """Generate a realistic synthetic dataset in the MVTec 3D-AD layout."""
     _setup(quiet)
-    from cmad.data import synth as synth_mod
+    from cmad import synth as synth_mod
+    from cmad.report.montage import montage as write_montage
 
     cats: int | list[str] | None = None
     if categories:
@@ -76,7 +77,7 @@ def synth(
         root = synth_mod.generate(out, categories=cats, seed=seed, size=size, progress=not quiet)
         typer.echo(f"wrote {root} in {time.perf_counter() - t:.1f} s")
         if montage is not None:
-            synth_mod.montage(root, montage)
+            write_montage(root, montage)
             typer.echo(f"montage: {montage}")
     except (CmadError, OSError, ValueError) as exc:
         _fail(exc)
