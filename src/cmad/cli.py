@@ -60,7 +60,9 @@ def synth(
     categories: str | None = typer.Option(
         None, "--categories", help="a number N (the first N) or comma-separated names"),
     seed: int = typer.Option(0, "--seed"),
-    size: str = typer.Option("default", "--size", help="tiny | small | default"),
+    size: str = typer.Option("default", "--size", help="tiny | small | default | mvtec"),
+    train: int | None = typer.Option(
+        None, "--train", help="training samples per category, 1-999 (default: the --size preset's count)"),
     montage: Path | None = typer.Option(None, "--montage", help="also write a montage PNG"),
     quiet: bool = typer.Option(False, "--quiet"),
 ) -> None:
@@ -74,7 +76,8 @@ def synth(
         cats = int(categories) if categories.isdigit() else [c.strip() for c in categories.split(",")]
     try:
         t = time.perf_counter()
-        root = synth_mod.generate(out, categories=cats, seed=seed, size=size, progress=not quiet)
+        root = synth_mod.generate(out, categories=cats, seed=seed, size=size, progress=not quiet,
+                                  train=train)
         typer.echo(f"wrote {root} in {time.perf_counter() - t:.1f} s")
         if montage is not None:
             write_montage(root, montage)

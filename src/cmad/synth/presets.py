@@ -14,7 +14,15 @@ SIZES: dict[str, dict] = {
     "default": {"scale": 1.0, "n_categories": 5, "train": 40, "validation": 10,
                 "test_good": 10, "test_per_defect": 5,
                 "description": "about 320 x 240 px, 5 categories, 40/10/40 samples"},
+    # real-size splits, about those of an MVTec 3D-AD category; test: 22 good and 13 of each
+    # of the six defect folders (the default preset's mix with a good share nearer MVTec's)
+    "mvtec": {"scale": 1.0, "n_categories": 5, "train": 250, "validation": 25,
+              "test_good": 22, "test_per_defect": 13,
+              "description": "about 320 x 240 px, 5 categories, 250/25/100 samples: real-size "
+                             "splits"},
 }
+
+MAX_SAMPLES = 999   # per split folder: file stems are three digits (000.png ...)
 
 
 def get_preset(size: str) -> dict:
@@ -22,6 +30,18 @@ def get_preset(size: str) -> dict:
     if size not in SIZES:
         raise ConfigError(f"unknown size {size!r}; expected one of {list(SIZES)}")
     return SIZES[size]
+
+
+def split_counts(size: str, train: int | None = None) -> dict:
+    """The preset called `size`; with `train`, that many training samples per category
+    instead of the preset's count (1..MAX_SAMPLES). ConfigError for bad values."""
+    preset = dict(get_preset(size))
+    if train is not None:
+        if isinstance(train, bool) or not isinstance(train, int) or not 1 <= train <= MAX_SAMPLES:
+            raise ConfigError(f"train must be a number of samples in 1..{MAX_SAMPLES}, "
+                              f"got {train!r}")
+        preset["train"] = train
+    return preset
 
 
 def sample_plan(preset: dict) -> list[tuple[str, str, int]]:
