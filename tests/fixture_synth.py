@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cmad.data.synth import generate
+from cmad.synth import generate
 
 __all__ = ["small_root", "tiny_root"]
 

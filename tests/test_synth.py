@@ -10,8 +10,9 @@ import tifffile
 from PIL import Image
 from scipy import ndimage
 
-from cmad.data import synth
+from cmad import synth
 from cmad.errors import ConfigError, DataError
+from cmad.report.montage import montage
 
 SPLIT_FOLDERS = {"train": ["good"], "validation": ["good"],
                  "test": ["good", *synth.DEFECT_TYPES, "combined"]}
@@ -27,12 +28,33 @@ def _stems(folder: Path, ext: str) -> list[str]:
 
 def test_presets_and_categories() -> None:
     assert len(synth.CATEGORY_NAMES) >= 5
-    assert set(synth.SIZES) == {"tiny", "small", "default"}
+    assert set(synth.SIZES) == {"tiny", "small", "default", "mvtec"}
     for preset in synth.SIZES.values():
         assert preset["train"] > 0 and preset["test_per_defect"] > 0
     assert synth.CLASS_IDS["good"] == 0
     assert sorted(v for k, v in synth.CLASS_IDS.items() if k != "good") == list(
         range(256 - len(synth.DEFECT_TYPES), 256))
+
+
+def test_mvtec_preset_has_real_size_splits_and_the_same_defect_mix() -> None:
+    from cmad.synth.presets import sample_plan
+
+    def test_folders(size: str) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for split, folder, _ in sample_plan(synth.SIZES[size]):
+            if split == "test":
+                counts[folder] = counts.get(folder, 0) + 1
+        return counts
+
+    plan = sample_plan(synth.SIZES["mvtec"])
+    assert sum(split == "train" for split, _, _ in plan) == 250
+    assert sum(split == "validation" for split, _, _ in plan) == 25
+    mvtec, default = test_folders("mvtec"), test_folders("default")
+    assert sum(mvtec.values()) == 100
+    assert set(mvtec) == set(default) == {"good", "combined", *synth.DEFECT_TYPES}
+    # every defect folder equally often, as in the default preset
+    assert len({n for f, n in mvtec.items() if f != "good"}) == 1
+    assert synth.SIZES["mvtec"]["scale"] == synth.SIZES["default"]["scale"]
 
 
 def test_layout(tiny_root: Path) -> None:
@@ -137,6 +159,83 @@ def test_regenerate_replaces_only_synthetic(tmp_path: Path) -> None:
     assert (foreign / "mine.txt").read_text() == "user data"
 
 
+def test_train_option_sets_the_training_samples(tmp_path: Path, tiny_root: Path) -> None:
+    out = synth.generate(tmp_path, categories=["gland"], size="tiny", seed=0, train=7,
+                         progress=False)
+    cat = out / "gland"
+    want = [f"{i:03d}" for i in range(7)]
+    assert _stems(cat / "train" / "good" / "rgb", "png") == want
+    assert _stems(cat / "train" / "good" / "xyz", "tiff") == want
+    # the other splits keep the preset's counts, and the preset's training samples are unchanged
+    for rel in ["validation/good/rgb", "test/good/rgb", "test/combined/gt"]:
+        assert _stems(cat / rel, "png") == _stems(tiny_root / "gland" / rel, "png"), rel
+    for i in range(synth.SIZES["tiny"]["train"]):
+        rel = Path(f"gland/train/good/xyz/{i:03d}.tiff")
+        assert (out / rel).read_bytes() == (tiny_root / rel).read_bytes(), rel
+    assert "7 training samples" in (cat / "readme.txt").read_text()
+    from cmad.data.info import dataset_info
+
+    info = dataset_info(out)["categories"]["gland"]
+    assert info["problems"] == [] and info["splits"]["train"] == 7
+
+
+def test_cli_train_option(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from cmad.cli import app
+
+    runner = CliRunner()
+    out = tmp_path / "syn"
+    r = runner.invoke(app, ["synth", "--out", str(out), "--size", "tiny", "--categories", "1",
+                            "--train", "5", "--quiet"])
+    assert r.exit_code == 0, r.output
+    cat = out / synth.CATEGORY_NAMES[0]
+    assert _stems(cat / "train" / "good" / "rgb", "png") == [f"{i:03d}" for i in range(5)]
+    r = runner.invoke(app, ["synth", "--out", str(tmp_path / "bad"), "--size", "tiny",
+                            "--train", "0", "--quiet"])
+    assert r.exit_code == 2 and "train" in r.output
+    assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("train", [0, -1, 1000, 2.5, True, "7"])
+def test_train_option_rejects_bad_counts(tmp_path: Path, train: object) -> None:
+    with pytest.raises(ConfigError, match="train"):
+        synth.generate(tmp_path, categories=["gland"], size="tiny", train=train, progress=False)
+    assert not list(tmp_path.iterdir())
+
+
+def test_synth_imports_only_data_types_and_errors() -> None:
+    """cmad.synth sits beside the data readers: it may use cmad.data, cmad.types and
+    cmad.errors, never the layers above (features, model, report, ...)."""
+    import ast
+
+    def within(name: str, prefix: str) -> bool:
+        return name == prefix or name.startswith(prefix + ".")
+
+    pkg = Path(synth.__file__).parent
+    modules = sorted(pkg.glob("*.py"))
+    assert {"__init__.py", "writer.py", "render.py"} <= {m.name for m in modules}
+    found: dict[str, set[str]] = {}
+    for mod in modules:
+        for node in ast.walk(ast.parse(mod.read_text(), str(mod))):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                # `from cmad import report` imports cmad.report: name every imported member
+                parts = ["cmad", "synth"][:max(0, 3 - node.level)] if node.level else []
+                base = ".".join([*parts, *([node.module] if node.module else [])])
+                names = [f"{base}.{a.name}" for a in node.names]
+            else:
+                continue
+            found.setdefault(mod.name, set()).update(n for n in names if within(n, "cmad"))
+    used = set().union(*found.values())
+    assert any(within(n, "cmad.data.io") for n in used)   # the scan sees the imports
+    for layer in ("cmad.features", "cmad.model", "cmad.report"):
+        assert not [n for n in used if within(n, layer)], found
+    allowed = ("cmad.synth", "cmad.data", "cmad.types", "cmad.errors")
+    assert [n for n in used if not any(within(n, a) for a in allowed)] == [], found
+
+
 def test_bad_arguments(tmp_path: Path) -> None:
     with pytest.raises(ConfigError):
         synth.generate(tmp_path, categories=["nope"], size="tiny", progress=False)
@@ -232,7 +331,7 @@ def test_gt_marks_the_object_not_the_table() -> None:
 
 
 def test_montage(tiny_root: Path, tmp_path: Path) -> None:
-    out = synth.montage(tiny_root, tmp_path / "m.png", per_category=2)
+    out = montage(tiny_root, tmp_path / "m.png", per_category=2)
     img = Image.open(out)
     assert img.size[0] > 300 and img.size[1] > 300
 

@@ -458,7 +458,7 @@ def category_table(results: dict, method: str) -> str:
 
 def run_demo(out: Path, size: str = "default", seed: int = 0, threads: int = 2) -> BenchResult:
     """`make demo`: synthetic data, then a bench of cmad against its baselines."""
-    from cmad.data import synth
+    from cmad import synth
 
     out = Path(out)
     data = out / "data"

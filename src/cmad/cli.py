@@ -62,23 +62,27 @@ def synth(
     categories: str | None = typer.Option(
         None, "--categories", help="a number N (the first N) or comma-separated names"),
     seed: int = typer.Option(0, "--seed"),
-    size: str = typer.Option("default", "--size", help="tiny | small | default"),
+    size: str = typer.Option("default", "--size", help="tiny | small | default | mvtec"),
+    train: int | None = typer.Option(
+        None, "--train", help="training samples per category, 1-999 (default: the --size preset's count)"),
     montage: Path | None = typer.Option(None, "--montage", help="also write a montage PNG"),
     quiet: bool = typer.Option(False, "--quiet"),
 ) -> None:
     """Generate a realistic synthetic dataset in the MVTec 3D-AD layout."""
     _setup(quiet)
-    from cmad.data import synth as synth_mod
+    from cmad import synth as synth_mod
+    from cmad.report.montage import montage as write_montage
 
     cats: int | list[str] | None = None
     if categories:
         cats = int(categories) if categories.isdigit() else [c.strip() for c in categories.split(",")]
     try:
         t = time.perf_counter()
-        root = synth_mod.generate(out, categories=cats, seed=seed, size=size, progress=not quiet)
+        root = synth_mod.generate(out, categories=cats, seed=seed, size=size, progress=not quiet,
+                                  train=train)
         typer.echo(f"wrote {root} in {time.perf_counter() - t:.1f} s")
         if montage is not None:
-            synth_mod.montage(root, montage)
+            write_montage(root, montage)
             typer.echo(f"montage: {montage}")
     except (CmadError, OSError, ValueError) as exc:
         _fail(exc)
