@@ -342,7 +342,7 @@ class EyecandiesCategory:
         for stem in sorted(index, key=_stem_order):
             items = index[stem]
             needed = [rgb_item, "depth", "info_depth"] + (["metadata"] if split == "test" else [])
-            have = next(iter(items.values()))
+            have = items.get("depth") or items.get(rgb_item) or next(iter(items.values()))
             missing = [n for n in needed if n not in items]
             if missing:
                 ext = "yaml" if missing[0] in ("info_depth", "metadata") else "png"
