@@ -1,3 +1,4 @@
+from fixture_eyecandies import *  # noqa
 from fixture_mvtec import *  # noqa
 from fixture_synth import *  # noqa
 

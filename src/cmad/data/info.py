@@ -1,21 +1,24 @@
 """A summary of a dataset folder for `cmad info`: counts, types, sizes, and problems found.
 
 Problems are collected, not raised, so one bad file does not hide the rest of the report.
-Image sizes come from file headers only; no point cloud is decoded.
+Image sizes come from file headers only; no point cloud is decoded. Works on every layout
+`cmad.data.open_dataset` reads (MVTec 3D-AD, Eyecandies).
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+from cmad.data.eyecandies import EyecandiesCategory, EyecandiesRef, read_depth_info
 from cmad.data.io import image_size
-from cmad.data.mvtec3d import SPLITS, Category, Dataset, SampleRef
+from cmad.data.layout import open_dataset
+from cmad.data.mvtec3d import SPLITS, Category, SampleRef
 from cmad.errors import DataError
 
 __all__ = ["dataset_info", "format_info"]
 
 
-def _ref_problems(ref: SampleRef, sizes: set[tuple[int, int]]) -> list[str]:
+def _ref_problems(ref: SampleRef | EyecandiesRef, sizes: set[tuple[int, int]]) -> list[str]:
     """Header sizes of one sample's files; adds rgb/xyz sizes (W, H) to `sizes`, returns the
     problems."""
     problems: list[str] = []
@@ -25,6 +28,11 @@ def _ref_problems(ref: SampleRef, sizes: set[tuple[int, int]]) -> list[str]:
             continue
         try:
             found.append((path, image_size(path)))
+        except DataError as exc:
+            problems.append(str(exc))
+    if isinstance(ref, EyecandiesRef):
+        try:
+            read_depth_info(ref.info_path)
         except DataError as exc:
             problems.append(str(exc))
     sizes.update((hw[1], hw[0]) for path, hw in found if path != ref.gt_path)
@@ -38,7 +46,7 @@ def _ref_problems(ref: SampleRef, sizes: set[tuple[int, int]]) -> list[str]:
     return problems
 
 
-def _category_info(cat: Category) -> dict[str, Any]:
+def _category_info(cat: Category | EyecandiesCategory) -> dict[str, Any]:
     problems: list[str] = []
     splits: dict[str, int] = {}
     sizes: set[tuple[int, int]] = set()
@@ -69,9 +77,9 @@ def dataset_info(root: str | Path) -> dict[str, Any]:
     Returns {"categories": {NAME: {"splits": {"train": n, "validation": n, "test": n},
     "defect_types": [...], "modalities": [...], "image_sizes": [[W, H], ...],
     "problems": [...]}}}. Split counts are samples whose files paired cleanly.
-    A root with no category folder at all raises `DataError`.
+    A root with no category folder at all (or of an unknown layout) raises `DataError`.
     """
-    ds = Dataset(root)
+    ds = open_dataset(root)
     categories: dict[str, Any] = {}
     for name in ds.categories:
         try:

@@ -26,7 +26,8 @@ from cmad.types import Sample, SamplePaths
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MODALITIES", "SPLITS", "Category", "Dataset", "SampleRef", "is_category_dir"]
+__all__ = ["MODALITIES", "SPLITS", "Category", "Dataset", "SampleRef", "is_category_dir",
+           "parse_class_ids"]
 
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
 MODALITIES: tuple[str, ...] = ("rgb", "xyz")
@@ -89,6 +90,55 @@ def _list_files(folder: Path, kind: str, problems: list[DataError]) -> dict[str,
     return found
 
 
+def _gt_value(v: object) -> int | None:
+    """A gt pixel value 0..255 from a JSON int or a string of digits, else None."""
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, int):
+        n = v
+    elif isinstance(v, str) and v.strip().isdigit():
+        n = int(v.strip())
+    else:
+        return None
+    return n if 0 <= n <= 255 else None
+
+
+def _is_name(v: object) -> bool:
+    return isinstance(v, str) and bool(v.strip()) and not v.strip().isdigit()
+
+
+def parse_class_ids(raw: object, path: Path) -> dict[str, int]:
+    """Defect name -> gt value from a parsed class_ids.json, in either orientation.
+
+    value -> name (keys digit strings, values names: the real MVTec 3D-AD files) or
+    name -> value (keys names, values 0..255). Anything else, or two entries sharing a name
+    or a value, raises `DataError` naming `path`.
+    """
+    if not isinstance(raw, dict):
+        raise DataError(path, "invalid class_ids.json: expected a JSON object")
+    items = list(raw.items())
+    expected = ('expected {"<gt value>": "<defect name>", ...} (as MVTec 3D-AD ships it) '
+                'or {"<defect name>": <gt value 0-255>, ...}')
+    if all(_gt_value(k) is not None and _is_name(v) for k, v in items):
+        pairs = [(str(v).strip(), int(_gt_value(k))) for k, v in items]  # type: ignore[arg-type]
+    elif all(_is_name(k) and _gt_value(v) is not None for k, v in items):
+        pairs = [(k.strip(), int(_gt_value(v))) for k, v in items]  # type: ignore[arg-type]
+    else:
+        bad = next((f"{k!r}: {v!r}" for k, v in items
+                    if not (_gt_value(k) is not None and _is_name(v))
+                    and not (_is_name(k) and _gt_value(v) is not None)), None)
+        what = f"entry {bad} fits neither orientation" if bad else "the entries mix orientations"
+        raise DataError(path, f"invalid class_ids.json: {what}; {expected}")
+    out: dict[str, int] = {}
+    for name, value in pairs:
+        if name in out:
+            raise DataError(path, f"invalid class_ids.json: defect name {name!r} appears twice")
+        if value in out.values():
+            raise DataError(path, f"invalid class_ids.json: gt value {value} appears twice")
+        out[name] = value
+    return out
+
+
 class Category:
     """One category folder (e.g. `bagel/`) of an MVTec 3D-AD style dataset."""
 
@@ -127,7 +177,11 @@ class Category:
 
     @property
     def class_ids(self) -> dict[str, int]:
-        """Defect type -> gt pixel value from class_ids.json, or {} where there is none."""
+        """Defect type -> gt pixel value from class_ids.json, or {} where there is none.
+
+        The file may map value -> name (the real dataset: `{"255": "cut", "0": "good"}`) or
+        name -> value; see `parse_class_ids`.
+        """
         if self._class_ids is None:
             path = self.root / "class_ids.json"
             if not path.is_file():
@@ -135,12 +189,9 @@ class Category:
             else:
                 try:
                     raw = json.loads(path.read_text(encoding="utf-8"))
-                    pairs = raw.items() if isinstance(raw, dict) else None
-                    if pairs is None:
-                        raise DataError(path, "invalid class_ids.json: expected a JSON object")
-                    self._class_ids = {str(k): int(v) for k, v in pairs}
-                except (ValueError, TypeError, UnicodeDecodeError) as exc:
+                except (ValueError, UnicodeDecodeError) as exc:
                     raise DataError(path, f"invalid class_ids.json: {exc}") from None
+                self._class_ids = parse_class_ids(raw, path)
         return self._class_ids
 
     @property
