@@ -2,10 +2,15 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+import cmad
 from cmad.errors import ConfigError
 from cmad.features import xyz as X
 
@@ -296,9 +301,50 @@ def test_deterministic_and_thread_count_independent(cloud, features):
     xyz, fg = cloud
     normals, feat = features
     np.testing.assert_array_equal(X.compute_fpfh(xyz, fg, normals, CFG), feat)
-    one = X.FPFHConfig(threads=1)
-    np.testing.assert_allclose(X.compute_normals(xyz, fg, one), normals, atol=1e-12)
-    np.testing.assert_allclose(X.compute_fpfh(xyz, fg, normals, one), feat, atol=1e-3)
+    for threads in (1, 3, 4):
+        cfg = X.FPFHConfig(threads=threads)
+        got = X.compute_normals(xyz, fg, cfg)
+        assert np.array_equal(got, normals), threads  # bit for bit, not merely close
+        assert np.array_equal(X.compute_fpfh(xyz, fg, got, cfg), feat), threads
+
+
+_THREADS_SCRIPT = """
+import os, sys
+import numpy as np
+import numba, torch
+n = int(sys.argv[1])
+if n == 1 and hasattr(os, "sched_setaffinity"):
+    os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+torch.set_num_threads(n)
+sys.path.insert(0, sys.argv[3])
+from test_fpfh import _object_cloud
+from cmad.features import xyz as X
+cfg = X.FPFHConfig(threads=None if n == 1 else n)
+assert X._threads(cfg) == n
+xyz, fg = _object_cloud(size=160, seed=5)
+pts, ok = X.sample_grid(xyz, fg, cfg.step)
+normals = X.grid_normals(pts, ok, cfg)
+feat = X.grid_fpfh(pts, ok, normals, cfg)[0]
+pooled = X.FPFHExtractor(cfg).extract(xyz, fg)[0]
+np.savez(sys.argv[2], normals=normals, feat=feat, pooled=pooled)
+"""
+
+
+def test_bit_identical_with_one_and_two_threads_in_subprocesses(tmp_path):
+    """As `cmad --threads 1` and `--threads 2` run it: fresh processes, numba and torch set to
+    1 or 2 threads, the FPFH thread count from the CPU affinity (1) or given (2)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(Path(cmad.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    out = {}
+    for n in (1, 2):
+        path = tmp_path / f"t{n}.npz"
+        subprocess.run([sys.executable, "-c", _THREADS_SCRIPT, str(n), str(path),
+                        str(Path(__file__).parent)], check=True, env=env, timeout=600)
+        out[n] = np.load(path)
+    assert out[1]["normals"].any() and out[1]["feat"].any()
+    for key in ("normals", "feat", "pooled"):
+        assert np.array_equal(out[1][key], out[2][key]), key
 
 
 # ----------------------------------------------------------------------------- extractor
@@ -346,7 +392,7 @@ def test_config_round_trip_and_errors():
 
 
 def test_matches_open3d_point_for_point_and_per_patch(cloud, features):
-    pytest.importorskip("open3d")
+    pytest.importorskip("open3d", exc_type=ImportError)  # missing libusb-1.0 too
     from cmad.features._fpfh_open3d import fpfh_open3d
 
     xyz, fg = cloud

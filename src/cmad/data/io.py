@@ -9,7 +9,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,6 +29,7 @@ __all__ = [
     "read_gt",
     "read_rgb",
     "read_xyz",
+    "write_atomic",
     "write_bytes_atomic",
     "write_png_atomic",
     "write_tiff_atomic",
@@ -153,16 +156,49 @@ def image_size(path: str | Path) -> tuple[int, int]:
     return int(h), int(w)
 
 
+def _create_temp_beside(path: Path) -> tuple[Path, int]:
+    """Create an empty, new temporary file beside `path` with the mode the umask gives.
+
+    The file is opened with mode 0o666 and `O_EXCL`, so the kernel applies the process
+    umask (0o644 under umask 022), unlike `tempfile.mkstemp`, which always gives 0o600.
+    Returns the temporary path and its permission bits.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            fd = os.open(tmp, flags, 0o666)
+        except FileExistsError:
+            continue
+        try:
+            mode = stat.S_IMODE(os.fstat(fd).st_mode)
+        finally:
+            os.close(fd)
+        return tmp, mode
+    raise FileExistsError(f"no free temporary name beside {path}")
+
+
 def write_atomic(path: str | Path, write: Callable[[Path], None]) -> None:
-    """Call `write(tmp)` on a temporary file beside `path`, then rename it over `path`."""
+    """Call `write(tmp)` on a temporary file beside `path`, then rename it over `path`.
+
+    The result has the ordinary mode the umask gives (0o666 & ~umask), even when `write`
+    replaces `tmp` by a file of its own (safetensors' `save_file` writes a 0o600 file and
+    renames it over its target), so outputs are readable like any other file.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp, mode = _create_temp_beside(path)
+    except OSError as exc:
+        raise OutputError(path, f"cannot write: {exc.strerror or exc}") from None
     try:
         write(tmp)
+        if stat.S_IMODE(os.stat(tmp).st_mode) != mode:
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(path, f"cannot write: {exc.strerror or exc}") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -20,8 +20,10 @@ the patch grid (mean over the cell's points that have neighbours).
 
 Speed: every pair is computed once and added to both of its points; the pair features of a
 point's neighbours are computed in a branch-free loop that LLVM vectorises. Threads run the
-serial (nogil) kernels on row chunks in two phases, chunk bodies and then chunk tails, so
-that no two threads write the same point. A Python thread pool is used rather than numba's
+serial (nogil) kernels on row chunks in two phases, even chunks and then odd chunks, so
+that no two threads write the same point. The chunks depend on the grid and the window, not
+on the thread count, so every floating-point sum adds its terms in one fixed order and the
+features are bit-identical whatever the number of threads. A Python thread pool is used rather than numba's
 `prange`: numba's OpenMP layer spin-waits at every barrier, which made a cloud 5x slower
 than one thread whenever the CPUs were shared with other processes.
 """
@@ -30,6 +32,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
@@ -593,6 +596,11 @@ def _pool_kernel(feat, ok, step, size, gh, gw):
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}
 
+# Most row chunks of a grid. The chunks depend on the grid and the window only, never on the
+# thread count, so the floating-point sums (normal covariances, FPFH weighted sums) add the
+# same terms in the same order whatever the number of threads: the result is bit-identical.
+MAX_CHUNKS = 8
+
 
 def _threads(cfg: FPFHConfig) -> int:
     if cfg.threads is not None:
@@ -607,43 +615,68 @@ def _threads(cfg: FPFHConfig) -> int:
         return os.cpu_count() or 1
 
 
+def _pool(workers: int) -> ThreadPoolExecutor:
+    if workers not in _POOLS:
+        _POOLS[workers] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cmad-fpfh")
+    return _POOLS[workers]
+
+
 class _Rows:
     """Row chunks of a grid and the threads that run kernels on them.
 
-    Chunks are at least 2 * win rows tall: a chunk's tail (its last `win` rows) writes into
-    the next chunk's head only, so all bodies can run at once, and then all tails.
+    Chunks are at least `win` rows tall: a pair kernel on a chunk writes into that chunk and
+    the next one only, so all even chunks can run at once, and then all odd ones. Within a
+    phase every point is written by one chunk alone, in raster order, so each sum is formed
+    in an order fixed by the chunks; the chunks do not depend on `threads`, which only says
+    how many threads take chunks from the queue.
     """
 
     def __init__(self, rows: int, win: int, threads: int) -> None:
-        n = max(1, min(threads, rows // max(2 * win, 1)))
+        n = max(1, min(MAX_CHUNKS, rows // max(win, 1)))
         bounds = np.linspace(0, rows, n + 1).astype(int)
         self.chunks = list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))
         self.win = win
+        self.threads = max(1, int(threads))
 
     def pair_phases(self) -> list[list[tuple[int, int]]]:
         """Row ranges of a pair kernel: the ranges of one phase may run at the same time."""
         if len(self.chunks) == 1:
             return [self.chunks]
-        return [
-            [(a, max(a, b - self.win)) for a, b in self.chunks],
-            [(max(a, b - self.win), b) for a, b in self.chunks],
-        ]
+        return [self.chunks[0::2], self.chunks[1::2]]
 
     def _map(self, fn: Callable, args: tuple, ranges: list[tuple[int, int]]) -> None:
-        n = len(ranges)
-        if n == 1:
-            fn(*args, *ranges[0])
+        todo = [r for r in ranges if r[0] < r[1]]
+        workers = min(self.threads, len(todo))
+        if workers <= 1:
+            for a, b in todo:
+                fn(*args, a, b)
             return
-        if n - 1 not in _POOLS:
-            _POOLS[n - 1] = ThreadPoolExecutor(max_workers=n - 1, thread_name_prefix="cmad-fpfh")
-        futures = [_POOLS[n - 1].submit(fn, *args, a, b) for a, b in ranges[1:]]
-        fn(*args, *ranges[0])  # the calling thread takes the first range
-        for fut in futures:
-            fut.result()
+        queue = iter(todo)
+        lock = threading.Lock()
+
+        def work() -> None:
+            while True:
+                with lock:
+                    r = next(queue, None)
+                if r is None:
+                    return
+                fn(*args, *r)
+
+        futures = [_pool(workers - 1).submit(work) for _ in range(workers - 1)]
+        try:
+            work()  # the calling thread takes chunks too
+        finally:
+            for fut in futures:
+                fut.result()
 
     def each(self, fn: Callable, *args) -> None:
-        """fn(*args, y0, y1) on every chunk."""
-        self._map(fn, args, self.chunks)
+        """A per-point kernel fn(*args, y0, y1) on all rows, one range per thread.
+
+        Each point is computed on its own, so how the rows are split does not matter.
+        """
+        rows = self.chunks[-1][1]
+        bounds = np.linspace(0, rows, min(self.threads, max(rows, 1)) + 1).astype(int)
+        self._map(fn, args, list(zip(bounds[:-1].tolist(), bounds[1:].tolist())))
 
     def pairs(self, fn: Callable, *args) -> None:
         """A pair kernel fn(*args, y0, y1) on every chunk, phase by phase."""
