@@ -179,9 +179,9 @@ def load_category(data: Path, name: str, size: int, seed: int, cache_dir: Path |
                   ) -> tuple[CategoryData, FeatureExtractor]:
     """Read, preprocess and extract one category once for all methods (the union of the
     features they need)."""
-    from cmad.data.mvtec3d import Dataset
+    from cmad.data import open_dataset
 
-    cat = Dataset(data).category(name)
+    cat = open_dataset(data).category(name)
     cfg = method_config("cmad", seed, size, base)
     t0 = time.perf_counter()
     train_s, val_s = split_source(cat, seed)
@@ -327,7 +327,7 @@ def run_bench(
     panels_per_type: int = 2,
 ) -> BenchResult:
     """Fit and evaluate every method on every category; write the report folder."""
-    from cmad.data.mvtec3d import Dataset
+    from cmad.data import open_dataset
     from cmad.report import summary_text, write_report
 
     set_threads(threads)
@@ -337,7 +337,7 @@ def run_bench(
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out}: report folder exists and is not empty; each run writes a new one")
-    cats = categories or Dataset(data).categories
+    cats = categories or open_dataset(data).categories
     if cache_dir is None:
         cache_dir = default_cache_dir()
     results: dict = {"methods": {m: {"categories": {}, "per_defect": {}} for m in methods},
@@ -409,10 +409,10 @@ def time_features(data: Path, category: str, limit: int = 30, size: int = 224,
                   config: DetectorConfig | None = None) -> dict:
     """Median ms per sample of preprocessing and of each feature stage the config needs
     (after warm-up)."""
-    from cmad.data.mvtec3d import Dataset
+    from cmad.data import open_dataset
 
     set_threads(threads)
-    cat = Dataset(data).category(category)
+    cat = open_dataset(data).category(category)
     refs = []
     for split in ("test", "train", "validation"):
         refs.extend(cat.samples(split))

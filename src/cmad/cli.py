@@ -136,7 +136,7 @@ def fit(
     """Fit a detector on the normal training (and validation) samples of a category."""
     _setup(quiet, threads)
     from cmad.cache import default_cache_dir
-    from cmad.data.mvtec3d import Dataset
+    from cmad.data import open_dataset
     from cmad.pipeline import Detector, check_model_dir
 
     try:
@@ -147,7 +147,7 @@ def fit(
         check_model_dir(out)
         cfg = _load_config(config, {"seed": seed})
         det = Detector(cfg, cache_dir=cache or default_cache_dir())
-        det.fit(Dataset(data).category(category), shots=shots, progress=not quiet)
+        det.fit(open_dataset(data).category(category), shots=shots, progress=not quiet)
         det.save(out)
     except (CmadError, OSError) as exc:
         _fail(exc)
@@ -174,13 +174,13 @@ def evaluate(
     if resolution not in ("original", "working"):
         _fail(CmadError(f"--resolution must be 'original' or 'working', got {resolution!r}"))
     from cmad.cache import default_cache_dir
-    from cmad.data.mvtec3d import Dataset
+    from cmad.data import open_dataset
     from cmad.evaluate import evaluate_predictions, export_maps
     from cmad.pipeline import Detector
 
     try:
         det = Detector.load(model, cache_dir=cache or default_cache_dir())
-        test = Dataset(data).category(category).samples("test")
+        test = open_dataset(data).category(category).samples("test")
         preds = det.predict(test, progress=not as_json)
         gts = [s.gt for s in test]
         if resolution == "working":
