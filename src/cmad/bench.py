@@ -192,7 +192,8 @@ def load_category(data: Path, name: str, size: int, seed: int, cache_dir: Path |
         needs |= feature_needs(c, modalities)
     if not needs:
         raise ConfigError(f"{name}: none of the methods can run on modalities {modalities}")
-    ext = FeatureExtractor(needs, size=size, rgb=cfg.rgb, xyz=cfg.xyz, cache_dir=cache_dir)
+    ext = FeatureExtractor(needs, size=size, rgb=cfg.rgb, xyz=cfg.xyz, geometry=cfg.geometry,
+                           cache_dir=cache_dir)
     det = Detector(cfg, cache_dir=cache_dir, extractor=ext)
     train = det.prepare(train_s, progress)
     val = det.prepare(val_s, progress)

@@ -135,6 +135,7 @@ class Detector:
         if ext is None or not needs <= set(ext.needs):
             cfg = self.config
             ext = FeatureExtractor(needs, size=cfg.size, rgb=cfg.rgb, xyz=cfg.xyz,
+                                   geometry=cfg.geometry,
                                    cache_dir=self.cache_dir, rgb_runtime=self.rgb_runtime)
             self._extractor = ext
         return ext

@@ -13,10 +13,12 @@ from typing import Any
 from cmad.configs import build, merge, to_plain
 from cmad.data.preprocess import PreprocessConfig
 from cmad.errors import ConfigError
+from cmad.features.geometry import GeometryConfig
 from cmad.features.rgb import RGBConfig
 from cmad.features.xyz import FPFHConfig
 from cmad.model.align import AlignConfig
 from cmad.model.bank import DTYPES as BANK_DTYPES
+from cmad.model.mapping import MappingConfig
 
 # joint: the joint bank half, the others share the other half equally (equal when there is
 # no joint bank); equal: every active branch the same weight; auto: chosen on pasted defects
@@ -42,6 +44,7 @@ class DetectorConfig:
     align_float16: bool = True
     align_app: tuple[str, ...] = ("colour",)
     align_geo: tuple[str, ...] = ("xyz", "context")
+    mapping_b: tuple[str, ...] = ("geom",)
     weights: Mapping[str, float] | str = "joint"
     sigma: float = 4.0
     score_mode: str = "max"
@@ -53,6 +56,8 @@ class DetectorConfig:
     rgb: RGBConfig = field(default_factory=RGBConfig)
     xyz: FPFHConfig = field(default_factory=FPFHConfig)
     align: AlignConfig = field(default_factory=lambda: AlignConfig(variant="latent", hidden=64))
+    geometry: GeometryConfig = field(default_factory=GeometryConfig)
+    mapping: MappingConfig = field(default_factory=MappingConfig)
 
     def __post_init__(self) -> None:
         from cmad.model.branches import REGISTRY
@@ -62,11 +67,15 @@ class DetectorConfig:
         object.__setattr__(self, "branches", tuple(self.branches))
         object.__setattr__(self, "align_app", tuple(self.align_app))
         object.__setattr__(self, "align_geo", tuple(self.align_geo))
+        object.__setattr__(self, "mapping_b", tuple(self.mapping_b))
+        if not self.mapping_b or set(self.mapping_b) - {"geom", "xyz"} or "geom" not in self.mapping_b:
+            raise ConfigError(f"mapping_b must be [geom] or [geom, xyz], got {list(self.mapping_b)}")
         if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size % 8 or self.size < 32:
             raise ConfigError(f"size must be a multiple of 8 and at least 32, got {self.size}")
         # the working resolution reaches every stage from here
         for name, kind in (("preprocess", PreprocessConfig), ("rgb", RGBConfig), ("xyz", FPFHConfig),
-                           ("align", AlignConfig)):
+                           ("align", AlignConfig), ("geometry", GeometryConfig),
+                           ("mapping", MappingConfig)):
             if not isinstance(getattr(self, name), kind):
                 raise ConfigError(f"{name} must be a {kind.__name__}, got {getattr(self, name)!r}")
         object.__setattr__(self, "preprocess", replace(self.preprocess, size=self.size))

@@ -3,13 +3,16 @@ from __future__ import annotations
 
 from cmad.model.branch import Branch
 from cmad.model.branches.align import AlignBranch
-from cmad.model.branches.banks import JointBank, RGBBank, XYZBank
+from cmad.model.branches.banks import GeomBank, JointBank, RGBBank, XYZBank
+from cmad.model.branches.mapping import MappingBranch
 
 REGISTRY: dict[str, type[Branch]] = {b.name: b for b in (
     AlignBranch,
     JointBank,
     RGBBank,
     XYZBank,
+    GeomBank,
+    MappingBranch,
 )}
 
 
