@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cmad.cache import default_cache_dir
+from cmad.data.io import atomic_folder
 from cmad.data.splits import select_shots, split_source
 from cmad.errors import ConfigError
 from cmad.features import FEATURE_STAGE, FeatureExtractor, FeatureMaps
@@ -66,6 +67,22 @@ METHODS: dict[str, tuple[dict, str]] = {
     "cmad-equal": ({"weights": "equal"}, "cmad with equal branch weights (the joint bank a quarter)"),
     "cmad-auto": ({"weights": "auto"},
                   "cmad with weights chosen on validation normals with pasted defects"),
+    "mapping": ({"branches": ("mapping",)},
+                "dense cross-modal mapping alone: RGB CNN features <-> CNN features of the "
+                "rendered geometry, both directions"),
+    "mapping-fpfh": ({"branches": ("mapping",), "mapping_b": ("geom", "xyz")},
+                     "the mapping with FPFH beside the geometry features"),
+    "geom-bank": ({"branches": ("geom_bank",)},
+                  "light bank of the rendered geometry's CNN features alone (3D only)"),
+    "v2-mj-r": ({"branches": ("mapping", "joint_bank", "rgb_bank")},
+                "mapping + joint bank (half) + RGB bank"),
+    "v2-mjrg": ({"branches": ("mapping", "joint_bank", "rgb_bank", "geom_bank")},
+                "mapping + joint bank (half) + RGB bank + geometry bank"),
+    "v2-mr": ({"branches": ("mapping", "rgb_bank")}, "mapping + RGB bank (no FPFH)"),
+    "v2-mrg": ({"branches": ("mapping", "rgb_bank", "geom_bank")},
+               "mapping + RGB bank + geometry bank (no FPFH)"),
+    "v2-all": ({"branches": ("mapping", "align", "joint_bank", "rgb_bank", "xyz_bank")},
+               "mapping + today's four branches"),
     "btf": ({"branches": ("joint_bank",), "joint_fraction": 0.1, "bank_dtype": "float32"},
             "BTF baseline: RGB+FPFH concatenated, one bank, 10% coreset (as in BTF's code), float32"),
     "full-banks": ({"branches": ("rgb_bank", "xyz_bank"), "bank_fraction": 1.0,
@@ -401,7 +418,10 @@ def run_bench(
     for k, by_method in shot_rows.items():
         results["shots"][k] = {m: {"categories": cats_, "mean": _mean(list(cats_.values()))}
                                for m, cats_ in by_method.items()}
-    write_report(out, results, panels)
+    # built whole in a hidden sibling, then renamed into place: a killed run leaves no
+    # half-written report (and the next run clears the sibling)
+    with atomic_folder(out, lambda _: False) as tmp:
+        write_report(tmp, results, panels, quiet=not progress)
     return BenchResult(results, out, summary_text(results))
 
 

@@ -254,7 +254,8 @@ def pro_curve(
     """
     curves = _curves(gt_masks, maps, with_roc=False)
     _warn_degenerate(curves, "PRO curve")
-    assert curves.pro is not None
+    if curves.pro is None:
+        raise RuntimeError("PRO curve was not computed")
     return curves.fpr, curves.pro
 
 

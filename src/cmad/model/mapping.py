@@ -234,7 +234,8 @@ class CrossModalMapping:
                     log.debug("mapping: early stop at epoch %d (best %d)", epoch + 1,
                               self.best_epoch)
                     break
-        assert best_state is not None
+        if best_state is None:
+            raise RuntimeError("mapping: training produced no model (no epoch ran)")
         net.load_state_dict(best_state)
         net.eval()
         self.net = net
@@ -244,7 +245,8 @@ class CrossModalMapping:
     @torch.inference_mode()
     def _residual_weights(self, za: torch.Tensor, zb: torch.Tensor, chunk: int = 8192) -> None:
         """1 / per-dimension residual variance of each direction on the training patches."""
-        assert self.net is not None
+        if self.net is None:
+            raise RuntimeError("mapping: not fitted")
         sq_b = torch.zeros(zb.shape[1])
         sq_a = torch.zeros(za.shape[1])
         for s in range(0, za.shape[0], chunk):

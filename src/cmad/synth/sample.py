@@ -57,8 +57,7 @@ def make_sample(cat: CategorySpec, scale: float, seed: int, split: str, folder: 
             best = (worst, defects, out)
         if worst >= min_px and (out.gt > 0).mean() <= 0.035:
             break
-    assert best is not None
-    if best[0] == 0:
+    if best is None or best[0] == 0:
         raise RuntimeError(f"could not place {kinds} on {cat.name} {split}/{folder}/{index}")
     if not with_defects:
         return render_scene(scene, [], np.random.default_rng(r_noise.bit_generator.seed_seq))
