@@ -10,7 +10,6 @@ import datetime as _dt
 import logging
 import os
 import platform
-import shutil
 import sys
 import tempfile
 import threading
@@ -26,7 +25,7 @@ from tqdm.auto import tqdm
 from cmad.cache import default_cache_dir
 from cmad.data.io import atomic_folder
 from cmad.data.splits import select_shots, split_source
-from cmad.errors import ConfigError
+from cmad.errors import ConfigError, OutputError
 from cmad.features import FEATURE_STAGE, FeatureExtractor, FeatureMaps
 from cmad.metrics import METRIC_KEYS as METRICS
 from cmad.model.branches import branch_class
@@ -95,6 +94,7 @@ METHODS["btf-full"] = ({"branches": ("joint_bank",), "joint_fraction": 1.0, "ban
                        "BTF with its full bank (no coreset), float32")
 DEFAULT_METHODS = tuple(m for m in METHODS if m != "btf-full")
 SHOT_METHODS = ("cmad", "btf", "rgb-bank", "xyz-bank")
+DEMO_METHODS = ("cmad", "align", "joint-bank", "rgb-bank", "xyz-bank", "btf")
 
 
 class PeakRSS:
@@ -483,20 +483,19 @@ def run_demo(out: Path, size: str = "default", seed: int = 0, threads: int = 2) 
 
     out = Path(out)
     data = out / "data"
+    latest = out / "report"
+    if latest.exists() and not latest.is_symlink():
+        raise OutputError(latest, "exists and is not the demo's link to its latest report; "
+                                  "move it away or choose another --out")
     if not (data.exists() and any(data.iterdir())):
         log.info("generating the synthetic dataset (%s) into %s", size, data)
         synth.generate(data, seed=seed, size=size, progress=True)
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     report = out / f"report-{stamp}"
-    res = run_bench(data, report, methods=["cmad", "align", "joint-bank", "rgb-bank", "xyz-bank",
-                                           "btf"],
-                    cache_dir=out / "cache", seed=seed, threads=threads)
-    latest = out / "report"
-    if latest.is_symlink() or latest.exists():
-        if latest.is_symlink() or latest.is_file():
-            latest.unlink()
-        else:
-            shutil.rmtree(latest)
+    res = run_bench(data, report, methods=list(DEMO_METHODS), cache_dir=out / "cache", seed=seed,
+                    threads=threads)
+    if latest.is_symlink():
+        latest.unlink()
     latest.symlink_to(report.name)
     res.summary = category_table(res.results, "cmad") + "\n\n" + res.summary
     res.summary += f"\n\nreport: {report}/index.html"
