@@ -1,16 +1,133 @@
+import numba
+import numpy as np
 import pytest
 import torch
 
 from cmad.model.bank import MemoryBank, greedy_coreset, nearest_distance
 
 
-def test_nearest_distance_matches_brute_force():
-    g = torch.Generator().manual_seed(0)
+def reference_kcenter(x: np.ndarray, k: int, start: int) -> np.ndarray:
+    """Plain greedy k-center: add the row farthest from the chosen ones (lowest index on ties)."""
+    x = x.astype(np.float64)
+    sel = [start]
+    dist = ((x - x[start]) ** 2).sum(1)
+    for _ in range(1, k):
+        i = int(np.argmax(dist))   # numpy: the first maximum
+        sel.append(i)
+        dist = np.minimum(dist, ((x - x[i]) ** 2).sum(1))
+    return np.array(sel)
+
+
+def reference_start(n: int, seed: int, dims: int | None = None, proj: int | None = None
+                    ) -> tuple[int, torch.Tensor | None]:
+    """The random projection and first centre that greedy_coreset draws from its seed."""
+    gen = torch.Generator().manual_seed(seed)
+    p = None
+    if proj is not None:
+        p = torch.randn(dims, proj, generator=gen) / np.sqrt(proj)
+    return int(torch.randint(n, (1,), generator=gen).item()), p
+
+
+def clustered(n: int, dims: int, seed: int, clusters: int = 12) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    centres = 4.0 * torch.randn(clusters, dims, generator=g)
+    scale = torch.rand(clusters, 1, generator=g) + 0.2
+    lab = torch.randint(clusters, (n,), generator=g)
+    return centres[lab] + scale[lab] * torch.randn(n, dims, generator=g)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_coreset_is_exactly_greedy_k_center_with_ties(seed: int) -> None:
+    # integer coordinates: every distance is exact in float32, so ties are real ties; 64
+    # distinct points and 90 centres: the last ones are duplicates at distance 0
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 4, (500, 3), generator=g).float()
+    got = greedy_coreset(x, 90, seed=seed, projection_dim=None, rotate=False)
+    start, _ = reference_start(500, seed)
+    assert np.array_equal(got.numpy(), reference_kcenter(x.numpy(), 90, start))
+
+
+@pytest.mark.parametrize("n,k", [(3000, 150), (1200, 600)])
+def test_coreset_equals_reference_on_clustered_data(n: int, k: int) -> None:
+    # (1200, 600): rows move often enough that the pool is compacted several times
+    x = clustered(n, 24, seed=n)
+    got = greedy_coreset(x, k, seed=4, projection_dim=None)
+    start, _ = reference_start(n, 4)
+    assert np.array_equal(got.numpy(), reference_kcenter(x.numpy(), k, start))
+
+
+def test_coreset_with_projection_equals_reference_on_projected_rows() -> None:
+    x = clustered(2500, 40, seed=7)
+    got = greedy_coreset(x, 200, seed=9, projection_dim=16)
+    start, p = reference_start(2500, 9, dims=40, proj=16)
+    assert np.array_equal(got.numpy(), reference_kcenter((x @ p).numpy(), 200, start))
+
+
+def test_coreset_does_not_depend_on_thread_count() -> None:
+    x = clustered(6000, 48, seed=11)
+    threads, nb_threads = torch.get_num_threads(), numba.get_num_threads()
+    try:
+        out = []
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            numba.set_num_threads(min(t, numba.config.NUMBA_NUM_THREADS))
+            out.append(greedy_coreset(x, 300, seed=5, projection_dim=32))
+            out.append(greedy_coreset(x, 300, seed=5, projection_dim=32, presample=3.0))
+    finally:
+        torch.set_num_threads(threads)
+        numba.set_num_threads(nb_threads)
+    assert torch.equal(out[0], out[2]) and torch.equal(out[1], out[3])
+
+
+def test_coreset_seed_determinism() -> None:
+    x = clustered(3000, 20, seed=12)
+    a = greedy_coreset(x, 100, seed=3)
+    assert torch.equal(a, greedy_coreset(x, 100, seed=3))
+    assert not torch.equal(a, greedy_coreset(x, 100, seed=4))
+
+
+def test_two_stage_coreset_returns_distinct_rows_of_the_input() -> None:
+    x = clustered(5000, 16, seed=13, clusters=6)
+    idx = greedy_coreset(x, 120, seed=1, presample=4.0)
+    assert idx.shape == (120,) and len(set(idx.tolist())) == 120
+    assert int(idx.min()) >= 0 and int(idx.max()) < 5000
+    assert torch.equal(idx, greedy_coreset(x, 120, seed=1, presample=4.0))
+    # the greedy step runs on the subset: its radius is close to the full selection's
+    full = greedy_coreset(x, 120, seed=1)
+    radius = [float(nearest_distance(x, x[i]).max()) for i in (idx, full)]
+    assert radius[0] < 2.0 * radius[1]
+    with pytest.raises(ValueError, match="presample"):
+        greedy_coreset(x, 10, presample=0.5)
+
+
+@pytest.mark.parametrize("chunk,bank_chunk", [(64, 50), (1000, 8192), (7, 3)])
+def test_nearest_distance_chunks_match_brute_force(chunk: int, bank_chunk: int) -> None:
+    g = torch.Generator().manual_seed(14)
     q = torch.randn(300, 16, generator=g)
-    b = torch.randn(200, 16, generator=g)
-    ref = torch.cdist(q.double(), b.double()).min(1).values.float()
-    got = nearest_distance(q, b, chunk=64)
-    assert torch.allclose(got, ref, atol=1e-4)
+    b = torch.randn(230, 16, generator=g)
+    ref = torch.cdist(q.double(), b.double()).min(1).values
+    got = nearest_distance(q, b, chunk=chunk, bank_chunk=bank_chunk)
+    assert torch.allclose(got.double(), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "int8", "int4"])
+def test_bank_search_matches_brute_force_on_its_entries(dtype: str) -> None:
+    g = torch.Generator().manual_seed(15)
+    normal = torch.randn(4000, 20, generator=g) * torch.linspace(0.2, 2.0, 20)
+    q = torch.randn(500, 20, generator=g)
+    bank = MemoryBank(fraction=0.1, max_entries=None, min_entries=0, dtype=dtype,
+                      bank_chunk=96).fit(normal)
+    entries = bank.bank
+    ref = torch.cdist(q.double(), entries.double()).min(1).values
+    got = bank.score(q)
+    assert torch.allclose(got.double(), ref, rtol=1e-4, atol=1e-4)
+    # between searches the bank holds only its stored form and a float32 norm per entry
+    held = sum(v.numel() * v.element_size() for v in vars(bank).values()
+               if isinstance(v, torch.Tensor))
+    assert held + bank.nbytes == bank.nbytes + 4 * bank.entries
+    again = MemoryBank(bank_chunk=96)
+    again.load_state_dict(bank.state_dict())
+    assert torch.equal(again.score(q), got)
 
 
 def test_coreset_covers_clusters_and_is_seeded():

@@ -10,9 +10,257 @@ import logging
 
 import numpy as np
 import torch
+from numba import njit
 from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
+
+
+# The k-center loop keeps every training row in the cluster of its nearest centre, the
+# clusters stored contiguously in one pool (rows copied, so that a scan reads memory in
+# order). A new centre c can only take over a row i of cluster j when
+# |c - c_j| < 2 |i - c_j| (triangle inequality), so whole clusters, and most rows of the
+# others, are skipped without computing their distance. The selection is exactly that of
+# the plain loop (argmax of the distance to the nearest centre, lowest index on ties): the
+# skip test is made looser by _SLACK, which covers the float32 rounding of the distances.
+_SLACK = 1.0 - 1e-3
+
+
+@njit(cache=True, nogil=True)
+def _sqdist(a: np.ndarray, i: int, c: np.ndarray, scale: float, bound: float) -> float:
+    """Squared distance of row i of `a` to `c`, given up early once `scale` times the
+    partial sum reaches `bound` (the partial sum is returned then: never above the full).
+
+    Eight fixed partial sums: vectorisable without reassociation, so the value is the same
+    on every machine and thread count, and the partial sums only grow."""
+    dim = a.shape[1]
+    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = np.float32(0.0)
+    m = dim - dim % 8
+    for u in range(0, m, 8):
+        e0 = a[i, u] - c[u]
+        e1 = a[i, u + 1] - c[u + 1]
+        e2 = a[i, u + 2] - c[u + 2]
+        e3 = a[i, u + 3] - c[u + 3]
+        e4 = a[i, u + 4] - c[u + 4]
+        e5 = a[i, u + 5] - c[u + 5]
+        e6 = a[i, u + 6] - c[u + 6]
+        e7 = a[i, u + 7] - c[u + 7]
+        s0 += e0 * e0
+        s1 += e1 * e1
+        s2 += e2 * e2
+        s3 += e3 * e3
+        s4 += e4 * e4
+        s5 += e5 * e5
+        s6 += e6 * e6
+        s7 += e7 * e7
+        if u % 16 == 8:
+            part = ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
+            if part * scale >= bound:
+                return part
+    s = ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
+    for u in range(m, dim):
+        e = a[i, u] - c[u]
+        s += e * e
+    return s
+
+
+@njit(cache=True, nogil=True)
+def _kc_init(pool, pid, pdist, n, start, cen, sel, beg, end, cnt, rad, arg, apos):  # noqa: ANN001
+    """Cluster 0: every row, around the row `start` (rows 0..n-1 of the pool, in order)."""
+    sel[0] = start
+    cen[0] = pool[start]
+    best = np.float32(-1.0)
+    bi = 0
+    for i in range(n):
+        d = _sqdist(pool, i, cen[0], 1.0, np.inf)
+        pid[i] = i
+        pdist[i] = d
+        if d > best:
+            best = d
+            bi = i
+    beg[0], end[0], cnt[0] = 0, n, n
+    rad[0], arg[0], apos[0] = best, bi, bi
+
+
+@njit(cache=True, nogil=True)
+def _kc_compact(pool, pid, pdist, beg, end, apos, t):  # noqa: ANN001
+    """Drop the rows that moved away (distance -1): clusters 0..t-1 packed from the start."""
+    order = np.argsort(beg[:t], kind="mergesort")
+    w = 0
+    for j in order:
+        b = beg[j]
+        beg[j] = w
+        for r in range(b, end[j]):   # w <= r: an ascending copy never overwrites
+            if pdist[r] < 0.0:
+                continue
+            if r == apos[j]:
+                apos[j] = w
+            if w != r:
+                pool[w] = pool[r]
+                pid[w] = pid[r]
+                pdist[w] = pdist[r]
+            w += 1
+        end[j] = w
+    return w
+
+
+@njit(cache=True, nogil=True)
+def _kc_steps(pool, pid, pdist, cen, sel, beg, end, cnt, rad, arg, apos, todo, lims,  # noqa: ANN001
+              skey, sord, st, t0, t1, slack):
+    """Greedy k-center iterations t0..t1-1; st = [pool top, distances computed].
+
+    Cluster j holds the pool rows beg[j]..end[j]-1 whose distance is not -1 (cnt[j] of
+    them); rad, arg, apos: its largest squared distance, the lowest row index at it and
+    that row's pool position. skey, sord: the centres' first coordinates, sorted, and their
+    cluster ids (only centres whose first coordinate is near the new one's can be close)."""
+    cap = pool.shape[0]
+    top = st[0]
+    for t in range(t0, t1):
+        # next centre: the row farthest from its centre, lowest index on ties
+        bj = 0
+        for j in range(1, t):
+            if rad[j] > rad[bj] or (rad[j] == rad[bj] and arg[j] < arg[bj]):
+                bj = j
+        sel[t] = arg[bj]
+        cen[t] = pool[apos[bj]]
+        c = cen[t]
+        # the clusters that can lose rows to it: |c - c_j|^2 < 4 rad_j <= 4 rad_bj, and
+        # |c - c_j|^2 >= (c[0] - c_j[0])^2
+        h = np.sqrt(4.0 * rad[bj] / slack) * (1.0 + 1e-5)
+        lo = np.searchsorted(skey[:t], c[0] - h, side="left")
+        hi = np.searchsorted(skey[:t], c[0] + h, side="right")
+        nt = 0
+        total = 0
+        for q in range(lo, hi):
+            j = sord[q]
+            if rad[j] > 0.0:
+                lim = _sqdist(cen, j, c, slack, 4.0 * rad[j]) * slack
+                if lim < 4.0 * rad[j]:
+                    todo[nt] = j
+                    lims[nt] = lim
+                    nt += 1
+                    total += cnt[j]
+        if top + total > cap:
+            top = _kc_compact(pool, pid, pdist, beg, end, apos, t)
+        beg[t] = top
+        tr = np.float32(-1.0)
+        ta = -1
+        tp = -1
+        for q in range(nt):
+            j = todo[q]
+            lim = lims[q]
+            jr = np.float32(-1.0)
+            ja = -1
+            jp = -1
+            last = beg[j]
+            for r in range(beg[j], end[j]):
+                di = pdist[r]
+                if di < 0.0:
+                    continue
+                i = pid[r]
+                if lim < 4.0 * di:
+                    st[1] += 1
+                    d = _sqdist(pool, r, c, 1.0, di)
+                    if d < di:   # row r moves to the new cluster, leaving a gap
+                        if d > tr or (d == tr and i < ta):
+                            tr, ta, tp = d, i, top
+                        pool[top] = pool[r]
+                        pid[top] = i
+                        pdist[top] = d
+                        top += 1
+                        pdist[r] = -1.0
+                        cnt[j] -= 1
+                        continue
+                if di > jr or (di == jr and i < ja):
+                    jr, ja, jp = di, i, r
+                last = r + 1
+            end[j] = last
+            # a cluster keeps its centre (distance 0), so it never empties
+            rad[j], arg[j], apos[j] = jr, ja, jp
+        q = np.searchsorted(skey[:t], c[0])
+        skey[q + 1 : t + 1] = skey[q:t].copy()
+        sord[q + 1 : t + 1] = sord[q:t].copy()
+        skey[q] = c[0]
+        sord[q] = t
+        end[t] = top
+        cnt[t] = top - beg[t]
+        if tp < 0:   # nothing moved: the centre was already covered (duplicate rows)
+            rad[t], arg[t], apos[t] = np.float32(0.0), sel[t], apos[bj]
+        else:
+            rad[t], arg[t], apos[t] = tr, ta, tp
+    st[0] = top
+
+
+def _kcenter(pool: np.ndarray, n_select: int, start: int, progress: bool
+             ) -> tuple[np.ndarray, int]:
+    """Exact greedy k-center on the float32 rows in the first half of `pool` (2N, C), from
+    row `start` (the second half is room for the rows that move before the gaps they leave
+    are closed); also returns the number of row distances computed."""
+    n, dim = pool.shape[0] // 2, pool.shape[1]
+    pid = np.empty(2 * n, np.int64)
+    pdist = np.empty(2 * n, np.float32)
+    cen = np.empty((n_select, dim), np.float32)
+    sel = np.empty(n_select, np.int64)
+    beg, end, cnt, arg, apos, todo, sord = (np.zeros(n_select, np.int64) for _ in range(7))
+    rad = np.zeros(n_select, np.float32)
+    skey = np.zeros(n_select, np.float32)
+    lims = np.zeros(n_select, np.float64)
+    st = np.array([n, n], np.int64)
+    _kc_init(pool, pid, pdist, n, start, cen, sel, beg, end, cnt, rad, arg, apos)
+    skey[0] = cen[0, 0]
+    step = 512
+    bar = tqdm(total=n_select, desc="coreset", leave=False, mininterval=1.0, disable=not progress)
+    bar.update(1)
+    for t0 in range(1, n_select, step):
+        t1 = min(t0 + step, n_select)
+        _kc_steps(pool, pid, pdist, cen, sel, beg, end, cnt, rad, arg, apos, todo, lims,
+                  skey, sord, st, t0, t1, _SLACK)
+        bar.update(t1 - t0)
+    bar.close()
+    return sel, int(st[1])
+
+
+@njit(cache=True, nogil=True)
+def _covariance(x: np.ndarray, w: np.ndarray, stride: int) -> np.ndarray:
+    """Float64 covariance of (every `stride`-th row of x) @ w, in a fixed order."""
+    p = w.shape[1]
+    rows = range(0, x.shape[0], stride)
+    y = np.zeros((len(rows), p))
+    for r, i in enumerate(rows):
+        for a in range(x.shape[1]):
+            v = np.float64(x[i, a])
+            for b in range(p):
+                y[r, b] += v * w[a, b]
+    y -= y.sum(0) / len(rows)
+    c = np.zeros((p, p))
+    for r in range(y.shape[0]):
+        for a in range(p):
+            v = y[r, a]
+            for b in range(a, p):
+                c[a, b] += v * y[r, b]
+    for a in range(p):
+        for b in range(a):
+            c[a, b] = c[b, a]
+    return c / max(len(rows) - 1, 1)
+
+
+def _eigh(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.linalg.eigh on one thread: LAPACK's result depends on its thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return torch.linalg.eigh(c)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _principal_axes(x: torch.Tensor, w: torch.Tensor, rows: int = 20000) -> torch.Tensor:
+    """Orthogonal (p, p) matrix turning the rows of x @ w onto their principal axes,
+    largest variance first (estimated on at most about `rows` evenly spaced rows)."""
+    stride = max(1, x.shape[0] // rows)
+    c = _covariance(np.ascontiguousarray(x.numpy()), w.double().numpy(), stride)
+    vecs = _eigh(torch.from_numpy(c)).eigenvectors
+    return vecs.flip(1).float().contiguous()
 
 
 def greedy_coreset(
@@ -21,54 +269,81 @@ def greedy_coreset(
     seed: int = 0,
     projection_dim: int | None = 128,
     progress: bool = False,
+    *,
+    presample: float | None = None,
+    rotate: bool = True,
 ) -> torch.Tensor:
     """Indices of `n_select` rows chosen by greedy k-center selection (PatchCore).
 
-    Distances are computed on a seeded Gaussian random projection to `projection_dim`
-    dimensions when the features are wider than that (the Johnson-Lindenstrauss trick
-    PatchCore uses for speed). The first centre is chosen with the seed.
+    Each step adds the row farthest from the rows chosen so far (Euclidean, lowest index on
+    ties). Distances are computed in float32 on a seeded Gaussian random projection to
+    `projection_dim` dimensions when the features are wider than that (the
+    Johnson-Lindenstrauss trick PatchCore uses). The first centre is chosen with the seed.
+    presample: when set, the greedy selection runs on a seeded uniform subset of
+        `presample * n_select` rows (two-stage selection: faster, a slightly larger
+        coverage radius); None runs it on every row.
+    rotate: turn the (projected) rows onto their principal axes first. Distances do not
+        change (up to float rounding), but most distance sums can then stop after a few
+        coordinates, once they exceed what could change the selection.
+    The result depends only on the inputs and the seed, not on the thread count.
     """
     n = features.shape[0]
     if n_select >= n:
         return torch.arange(n)
     if n_select <= 0:
         raise ValueError(f"n_select must be positive, got {n_select}")
+    if presample is not None and presample < 1.0:
+        raise ValueError(f"presample must be at least 1, got {presample}")
     gen = torch.Generator().manual_seed(seed)
     x = features.float()
+    proj = None
     if projection_dim is not None and x.shape[1] > projection_dim:
         proj = torch.randn(x.shape[1], projection_dim, generator=gen) / np.sqrt(projection_dim)
-        x = x @ proj
-    start = int(torch.randint(n, (1,), generator=gen).item())
-    selected = torch.empty(n_select, dtype=torch.long)
-    selected[0] = start
-    min_d = torch.cdist(x, x[start : start + 1]).squeeze(1)
-    iterator = range(1, n_select)
-    if progress:
-        iterator = tqdm(iterator, desc="coreset", leave=False, mininterval=1.0)
-    for i in iterator:
-        idx = int(torch.argmax(min_d).item())
-        selected[i] = idx
-        d = torch.cdist(x, x[idx : idx + 1]).squeeze(1)
-        min_d = torch.minimum(min_d, d)
-    return selected
+    rows = None
+    if presample is not None and int(np.ceil(presample * n_select)) < n:
+        m = int(np.ceil(presample * n_select))
+        rows = torch.randperm(n, generator=gen)[:m].sort().values
+        x = x[rows]
+    m = x.shape[0]
+    w = torch.eye(x.shape[1]) if proj is None else proj
+    if rotate:
+        w = w @ _principal_axes(x, w)
+    pool = torch.empty(2 * m, w.shape[1])
+    torch.matmul(x, w, out=pool[:m])
+    del x
+    start = int(torch.randint(m, (1,), generator=gen).item())
+    sel, computed = _kcenter(pool.numpy(), n_select, start, progress)
+    log.debug("coreset: %d of %d rows, %.1f distances per row", n_select, m, computed / m)
+    out = torch.from_numpy(sel)
+    return out if rows is None else rows[out]
+
+
+def _search(queries: torch.Tensor, n_rows: int, rows, sq: torch.Tensor,  # noqa: ANN001
+            chunk: int, bank_chunk: int) -> torch.Tensor:
+    """Nearest-row distance of each query; `rows(a, b)` gives bank rows a..b-1 as float32
+    and `sq` their squared norms. One matrix product per (query chunk, bank chunk) block."""
+    if n_rows == 0:
+        raise ValueError("the memory bank is empty")
+    q = queries.float()
+    best = torch.full((q.shape[0],), float("inf"))
+    for a in range(0, n_rows, bank_chunk):
+        b = min(a + bank_chunk, n_rows)
+        block = rows(a, b)
+        for s in range(0, q.shape[0], chunk):
+            # |q|^2 is the same for every bank row: added after the minimum
+            d = torch.addmm(sq[None, a:b], q[s : s + chunk], block.T, alpha=-2.0)
+            torch.minimum(best[s : s + chunk], d.min(1).values, out=best[s : s + chunk])
+    return best.add_((q * q).sum(1)).clamp_min_(0.0).sqrt_()
 
 
 def nearest_distance(
-    queries: torch.Tensor, bank: torch.Tensor, chunk: int = 4096
+    queries: torch.Tensor, bank: torch.Tensor, chunk: int = 1024, bank_chunk: int = 8192
 ) -> torch.Tensor:
-    """Exact Euclidean distance of each query row to its nearest bank row, in chunks."""
-    if bank.shape[0] == 0:
-        raise ValueError("the memory bank is empty")
-    out = torch.empty(queries.shape[0], dtype=torch.float32)
+    """Exact Euclidean distance of each query row to its nearest bank row, in float32,
+    computed in (chunk x bank_chunk) blocks so that memory stays bounded."""
     bank = bank.float()
-    # keep the (chunk x bank) distance block near 256 MB however large the bank is
-    chunk = max(1, min(chunk, (1 << 26) // max(bank.shape[0], 1)))
-    bank_sq = (bank * bank).sum(1)
-    for s in range(0, queries.shape[0], chunk):
-        q = queries[s : s + chunk].float()
-        d2 = (q * q).sum(1, keepdim=True) - 2.0 * q @ bank.T + bank_sq[None, :]
-        out[s : s + chunk] = d2.min(dim=1).values.clamp_min_(0.0).sqrt_()
-    return out
+    return _search(queries, bank.shape[0], lambda a, b: bank[a:b], (bank * bank).sum(1),
+                   chunk, bank_chunk)
 
 
 DTYPES = ("float32", "float16", "int8", "int4")
@@ -117,9 +392,11 @@ class MemoryBank:
     pca_dim: project features onto their top principal components (fitted on the training
         patches) before building the bank; None keeps all dimensions.
     dtype: how the bank is stored: "float32", "float16", "int8" or "int4" (per-dimension
-        affine codes: a quarter or an eighth of float32). Distances are always computed in
-        float32 on the stored values, so a saved and reloaded bank scores exactly as the
-        fitted one.
+        affine codes: a quarter or an eighth of float32). Only the stored form is kept in
+        memory (plus a float32 squared norm per entry): the search decodes `bank_chunk`
+        entries at a time to float32, so distances are always computed in float32 on the
+        stored values and a saved and reloaded bank scores exactly as the fitted one.
+    projection_dim, presample: options of `greedy_coreset` (the coreset selection only).
     """
 
     def __init__(
@@ -130,6 +407,11 @@ class MemoryBank:
         min_entries: int = 64,
         pca_dim: int | None = None,
         dtype: str = "float32",
+        *,
+        projection_dim: int | None = 128,
+        presample: float | None = None,
+        chunk: int = 1024,
+        bank_chunk: int = 8192,
     ) -> None:
         if not 0.0 < fraction <= 1.0:
             raise ValueError(f"bank fraction must be in (0, 1], got {fraction}")
@@ -141,8 +423,12 @@ class MemoryBank:
         self.seed = seed
         self.pca_dim = pca_dim
         self.dtype = dtype
+        self.projection_dim = projection_dim
+        self.presample = presample
+        self.chunk = chunk
+        self.bank_chunk = bank_chunk
         self.stored: dict[str, torch.Tensor] = {}
-        self.bank: torch.Tensor | None = None  # float32 values used for search
+        self._sq: torch.Tensor | None = None  # squared norms of the decoded entries
         self.proj_mean: torch.Tensor | None = None
         self.proj: torch.Tensor | None = None
 
@@ -161,7 +447,7 @@ class MemoryBank:
         if self.pca_dim is not None and self.pca_dim < features.shape[1]:
             self.proj_mean = features.mean(0)
             centred = (features - self.proj_mean).double()
-            _, vecs = torch.linalg.eigh(centred.T @ centred / max(n - 1, 1))
+            _, vecs = _eigh(centred.T @ centred / max(n - 1, 1))
             comps = vecs[:, -self.pca_dim :].flip(1)
             # fix each component's sign so the projection is deterministic
             comps = comps * torch.sign(comps[comps.abs().argmax(0), torch.arange(comps.shape[1])])
@@ -170,7 +456,8 @@ class MemoryBank:
         k = max(int(round(self.fraction * n)), min(self.min_entries, n))
         if self.max_entries is not None:
             k = min(k, self.max_entries)
-        idx = greedy_coreset(x, k, seed=self.seed, progress=progress)
+        idx = greedy_coreset(x, k, seed=self.seed, projection_dim=self.projection_dim,
+                             progress=progress, presample=self.presample)
         self._store(x[idx].contiguous())
         log.debug("memory bank: %d of %d patches (%d dims)", k, n, x.shape[1])
         return self
@@ -185,22 +472,43 @@ class MemoryBank:
         self._decode()
 
     def _decode(self) -> None:
-        """The float32 values the search runs on, from the stored tensors."""
+        """Check the stored tensors and cache the squared norms of the decoded entries."""
+        sq = [(r * r).sum(1) for r in self._blocks()]
+        self._sq = torch.cat(sq) if sq else torch.zeros(0)
+
+    @property
+    def size(self) -> int:
+        st = self.stored
+        if not st:
+            return 0
+        return int(st["bank"].shape[0] if "bank" in st else st[CODES[self.dtype][0]].shape[0])
+
+    def _rows(self, a: int, b: int) -> torch.Tensor:
+        """Entries a..b-1 as float32 (decoded from the stored form)."""
+        st = self.stored
         if self.dtype in CODES:
             key, bits = CODES[self.dtype]
-            st = self.stored
-            self.bank = dequantise(st[key], st["low"], st["step"], bits)
-        else:
-            self.bank = self.stored["bank"].float().contiguous()
+            return dequantise(st[key][a:b], st["low"], st["step"], bits)
+        return st["bank"][a:b].float()
+
+    def _blocks(self):  # noqa: ANN202
+        for a in range(0, self.size, self.bank_chunk):
+            yield self._rows(a, min(a + self.bank_chunk, self.size))
+
+    @property
+    def bank(self) -> torch.Tensor | None:
+        """The entries as float32 (decoded anew on each access; the search does not use it)."""
+        return None if self._sq is None else self._rows(0, self.size)
 
     def score(self, queries: torch.Tensor) -> torch.Tensor:
         """Nearest-neighbour distance of each (M, C) query to the bank."""
-        if self.bank is None:
+        if self._sq is None:
             raise RuntimeError("MemoryBank.score called before fit")
-        return nearest_distance(self._project(queries), self.bank)
+        return _search(self._project(queries), self.size, self._rows, self._sq,
+                       self.chunk, self.bank_chunk)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        if self.bank is None:
+        if self._sq is None:
             raise RuntimeError("MemoryBank has not been fitted")
         out = dict(self.stored)
         if self.proj is not None and self.proj_mean is not None:
@@ -225,7 +533,7 @@ class MemoryBank:
 
     @property
     def entries(self) -> int:
-        return 0 if self.bank is None else int(self.bank.shape[0])
+        return 0 if self._sq is None else self.size
 
     @property
     def nbytes(self) -> int:
