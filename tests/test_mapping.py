@@ -133,6 +133,10 @@ def test_errors() -> None:
         m.fit(a, b, a[:10, :5], b[:10])
     with pytest.raises(ValueError):
         m.load_state_dict({"a_mean": torch.zeros(3)})
+    a_nan = a.clone()
+    a_nan[3, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        m.fit(a_nan, b)
     with pytest.raises(ConfigError):
         MappingConfig(loss="l1")
     with pytest.raises(ConfigError):

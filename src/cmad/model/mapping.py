@@ -191,6 +191,8 @@ class CrossModalMapping:
             if val_a.shape[1] != a.shape[1] or val_b.shape[1] != b.shape[1]:
                 raise ValueError("validation features have other widths than the training ones")
         a, b = a.float(), b.float()
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise ValueError("training features contain NaN or inf")
         self.stats = {
             "a_mean": a.mean(0), "a_std": a.std(0).clamp_min(1e-6),
             "b_mean": b.mean(0), "b_std": b.std(0).clamp_min(1e-6),
@@ -225,7 +227,7 @@ class CrossModalMapping:
                 val_loss = float(self._loss(net, va, vb)) if has_val else train_loss
             self.history.append((train_loss, val_loss))
             bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val_loss:.3f}")
-            if val_loss < best_loss - 1e-4 * abs(best_loss if best_loss < float("inf") else 1.0):
+            if val_loss < best_loss * (1.0 - 1e-4):  # the losses are >= 0
                 best_loss, bad, self.best_epoch = val_loss, 0, epoch + 1
                 best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
             else:
@@ -235,7 +237,9 @@ class CrossModalMapping:
                               self.best_epoch)
                     break
         if best_state is None:
-            raise RuntimeError("mapping: training produced no model (no epoch ran)")
+            raise ValueError("mapping training diverged: the loss is not finite (lower lr)")
+        log.debug("mapping: %d epochs, best %d (validation loss %.4f)", len(self.history),
+                  self.best_epoch, best_loss)
         net.load_state_dict(best_state)
         net.eval()
         self.net = net
