@@ -16,13 +16,16 @@ from tqdm.auto import tqdm
 log = logging.getLogger(__name__)
 
 
-# The k-center loop keeps every training row in the cluster of its nearest centre, the
-# clusters stored contiguously in one pool (rows copied, so that a scan reads memory in
-# order). A new centre c can only take over a row i of cluster j when
-# |c - c_j| < 2 |i - c_j| (triangle inequality), so whole clusters, and most rows of the
-# others, are skipped without computing their distance. The selection is exactly that of
-# the plain loop (argmax of the distance to the nearest centre, lowest index on ties): the
-# skip test is made looser by _SLACK, which covers the float32 rounding of the distances.
+# Greedy k-center without a pass over every row per centre. Every row belongs to the
+# cluster of its nearest centre; the clusters are stored contiguously in one pool (rows
+# copied there, so that a scan reads memory in order; a row that moves leaves a gap, and
+# the gaps are closed when the pool is full). A new centre c can only take over a row i of
+# cluster j when |c - c_j| < 2 |i - c_j| (triangle inequality), so whole clusters, and most
+# rows of the others, are skipped without a distance; a distance sum stops once it is past
+# what could change anything (the rows are turned onto their principal axes, so that the
+# first coordinates carry most of it). The selection is exactly that of the plain loop
+# (argmax of the distance to the nearest centre, lowest index on ties): the skip tests are
+# loosened by _SLACK, which covers the float32 rounding of the distances.
 _SLACK = 1.0 - 1e-3
 
 
@@ -305,11 +308,15 @@ def greedy_coreset(
         rows = torch.randperm(n, generator=gen)[:m].sort().values
         x = x[rows]
     m = x.shape[0]
-    w = torch.eye(x.shape[1]) if proj is None else proj
+    w = proj
     if rotate:
+        w = torch.eye(x.shape[1]) if w is None else w
         w = w @ _principal_axes(x, w)
-    pool = torch.empty(2 * m, w.shape[1])
-    torch.matmul(x, w, out=pool[:m])
+    pool = torch.empty(2 * m, x.shape[1] if w is None else w.shape[1])
+    if w is None:
+        pool[:m] = x
+    else:
+        torch.matmul(x, w, out=pool[:m])
     del x
     start = int(torch.randint(m, (1,), generator=gen).item())
     sel, computed = _kcenter(pool.numpy(), n_select, start, progress)
