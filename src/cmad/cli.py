@@ -239,10 +239,32 @@ def bench(
     seed: int = typer.Option(0, "--seed"),
     threads: int = typer.Option(2, "--threads"),
     quiet: bool = typer.Option(False, "--quiet"),
+    scale: str | None = typer.Option(
+        None, "--scale", help="cost curve instead of the comparison: training-set sizes, e.g. "
+        "25,50,100,200,400, on one category (the first of --categories); methods default to "
+        "cmad,btf"),
 ) -> None:
     """Fit and evaluate cmad, its branches and baselines on the same features; report."""
     _setup(quiet, threads)
     from cmad.bench import run_bench
+
+    if scale is not None:
+        from cmad.costcurve import parse_counts, run_cost_curve, table_md
+
+        try:
+            counts = parse_counts(scale)
+            from cmad.data import open_dataset
+
+            cats = [c.strip() for c in categories.split(",")] if categories else None
+            cat = cats[0] if cats else open_dataset(data).categories[0]
+            res = run_cost_curve(
+                data, out, cat,
+                [m.strip() for m in methods.split(",")] if methods else ["cmad", "btf"],
+                counts, size=resolution, seed=seed, threads=threads, progress=not quiet)
+        except (CmadError, OSError) as exc:
+            _fail(exc)
+        typer.echo(table_md(res))
+        return
 
     try:
         shot_list = [int(x) for x in shots.split(",")] if shots else None
