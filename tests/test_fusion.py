@@ -15,12 +15,22 @@ def test_robust_stats_are_median_and_p99_spread():
     assert float(z[0, 0, 50]) == 0.0 and abs(float(z[0, 0, 99]) - 1.0) < 1e-4
 
 
-def test_invalid_patches_are_ignored_and_scored_as_the_normal_median():
+def test_invalid_patches_are_ignored_and_scored_as_the_lowest_valid_patch():
     scores = torch.tensor([[[1.0, 2.0, 1000.0]]])
     valid = torch.tensor([[[True, True, False]]])
     loc, scale = robust_stats(scores, valid)
     assert loc <= 2.0  # the invalid outlier does not move the statistics
-    assert float(normalise(scores, valid, loc, scale)[0, 0, 2]) == 0.0
+    z = normalise(scores, valid, loc, scale)
+    assert float(z[0, 0, 2]) == float(z[0, 0, 0]) == min(float(z[0, 0, :2].min()), 0.0)
+
+
+def test_invalid_fill_is_per_sample_never_above_the_normal_median():
+    scores = torch.tensor([[[5.0, 9.0, 0.0]], [[-4.0, 3.0, 0.0]], [[7.0, 7.0, 7.0]]])
+    valid = torch.tensor([[[True, True, False]], [[True, True, False]], [[False, False, False]]])
+    z = normalise(scores, valid, 0.0, 1.0)
+    assert z[0, 0, 2] == 0.0  # lowest valid is 5 > 0: capped at the normal median
+    assert z[1, 0, 2] == -4.0  # this sample's own lowest valid patch
+    assert torch.equal(z[2], torch.zeros(1, 3))  # nothing valid: neutral
 
 
 def test_degenerate_statistics_fall_back_to_unit_scale():
