@@ -21,6 +21,7 @@ LAYERS = {
     "predict_io": 5,
     "report": 5,
     "bench": 6,
+    "serve": 6,
     "cli": 7,
 }
 BASE = {"errors", "types", "configs", "cache", "runtime", "__init__"}

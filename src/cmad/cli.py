@@ -212,7 +212,7 @@ def predict(
     """Score new samples; write anomaly maps (TIFF), overlays (PNG) and scores.json."""
     _setup(quiet, threads)
     from cmad.pipeline import Detector
-    from cmad.predict_io import collect_inputs, write_outputs
+    from cmad.predict_io import collect_inputs, decide, write_outputs
 
     try:
         det = Detector.load(model)
@@ -222,9 +222,44 @@ def predict(
     except (CmadError, OSError) as exc:
         _fail(exc)
     for s, p in zip(samples, preds):
-        flag = "ANOMALOUS" if p.score > det.threshold else "normal"
-        typer.echo(f"{s.stem}: score {p.score:.3f} ({flag}, threshold {det.threshold:.3f})")
+        d = decide(p, det.threshold)
+        flag = "ANOMALOUS" if d.anomalous else "normal"
+        typer.echo(f"{s.stem}: score {d.score:.3f} ({flag}, threshold {d.threshold:.3f})")
     typer.echo(f"wrote {path}")
+
+
+@app.command()
+def serve(
+    model: Path = typer.Option(..., "--model"),
+    host: str = typer.Option("127.0.0.1", "--host", help="address to bind (loopback by default)"),
+    port: int = typer.Option(8000, "--port", help="TCP port (0: any free port)"),
+    max_request_mb: float = typer.Option(64.0, "--max-request-mb", help="larger uploads get 413"),
+    threads: int = typer.Option(2, "--threads"),
+    quiet: bool = typer.Option(False, "--quiet"),
+) -> None:
+    """HTTP service: POST /predict (multipart rgb PNG + xyz TIFF), GET /health, GET /model."""
+    _setup(quiet, threads)
+    if not 0 <= port <= 65535:
+        _fail(CmadError(f"--port must be 0-65535, got {port}"))
+    if not max_request_mb > 0:
+        _fail(CmadError(f"--max-request-mb must be positive, got {max_request_mb}"))
+    from cmad.serve import ModelService, Server
+
+    try:
+        svc = ModelService(model)
+        server = Server(svc, host=host, port=port, max_request_mb=max_request_mb)
+    except (CmadError, OSError) as exc:
+        _fail(exc)
+    info = svc.info
+    typer.echo(f"serving {info['category']} model {model} (threshold {info['threshold']:.3f}, "
+               f"branches {', '.join(info['branches'])}) on {server.url}", err=False)
+    sys.stdout.flush()
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
 
 
 @app.command()
