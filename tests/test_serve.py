@@ -12,24 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from cmad.model.config import DetectorConfig
 from cmad.pipeline import Detector
 from cmad.predict_io import collect_inputs, write_outputs
 from cmad.serve import ModelService, Server, parse_multipart, start_in_thread
 
-FAST = {"size": 64, "bank_min_entries": 16, "align": {"epochs": 3, "hidden": 32}}
-
 
 @pytest.fixture(scope="module")
-def model(tiny_root, tmp_path_factory):
-    from cmad.data import open_dataset
-
-    cat = sorted(p.name for p in tiny_root.iterdir() if p.is_dir())[0]
-    det = Detector(DetectorConfig().with_overrides(FAST))
-    det.fit(open_dataset(tiny_root).category(cat), progress=False)
-    out = tmp_path_factory.mktemp("serve") / "model"
-    det.save(out)
-    return out, tiny_root / cat
+def model(tiny_model):
+    return tiny_model
 
 
 @pytest.fixture(scope="module")

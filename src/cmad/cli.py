@@ -206,18 +206,31 @@ def predict(
     xyz: Path | None = typer.Option(None, "--xyz", help="its organized point cloud TIFF"),
     input_dir: Path | None = typer.Option(
         None, "--input", help="a folder with rgb/ and xyz/ subfolders (dataset layout)"),
+    executor: str = typer.Option("local", "--executor", help="local | ray (the [ray] extra)"),
+    address: str | None = typer.Option(
+        None, "--address", help="Ray cluster to join (auto or HOST:PORT; default: a local one)"),
+    workers: int | None = typer.Option(None, "--workers", help="Ray actors (default: CPUs / threads)"),
     threads: int = typer.Option(2, "--threads"),
     quiet: bool = typer.Option(False, "--quiet"),
 ) -> None:
     """Score new samples; write anomaly maps (TIFF), overlays (PNG) and scores.json."""
     _setup(quiet, threads)
+    from cmad.executor import check_executor
     from cmad.pipeline import Detector
-    from cmad.predict_io import collect_inputs, decide, write_outputs
+    from cmad.predict_io import collect_inputs, decide, input_files, predict_distributed, write_outputs
 
     try:
+        check_executor(executor, address)
+        if workers is not None and workers < 1:
+            raise CmadError(f"--workers must be a positive integer, got {workers}")
         det = Detector.load(model)
-        samples = collect_inputs(rgb=rgb, xyz=xyz, input_dir=input_dir, modalities=det.modalities)
-        preds = det.predict(samples, progress=not quiet)
+        if executor == "ray":
+            files = input_files(rgb=rgb, xyz=xyz, input_dir=input_dir, modalities=det.modalities)
+            samples, preds = predict_distributed(model, files, det.config.batch_size, threads=threads,
+                                                 address=address, workers=workers)
+        else:
+            samples = collect_inputs(rgb=rgb, xyz=xyz, input_dir=input_dir, modalities=det.modalities)
+            preds = det.predict(samples, progress=not quiet)
         path = write_outputs(out, samples, preds, threshold=det.threshold)
     except (CmadError, OSError) as exc:
         _fail(exc)
@@ -234,6 +247,8 @@ def serve(
     host: str = typer.Option("127.0.0.1", "--host", help="address to bind (loopback by default)"),
     port: int = typer.Option(8000, "--port", help="TCP port (0: any free port)"),
     max_request_mb: float = typer.Option(64.0, "--max-request-mb", help="larger uploads get 413"),
+    concurrency: int = typer.Option(
+        1, "--concurrency", help="inferences at once on the shared model (1: one at a time)"),
     threads: int = typer.Option(2, "--threads"),
     quiet: bool = typer.Option(False, "--quiet"),
 ) -> None:
@@ -246,7 +261,7 @@ def serve(
     from cmad.serve import ModelService, Server
 
     try:
-        svc = ModelService(model)
+        svc = ModelService(model, concurrency=concurrency)
         server = Server(svc, host=host, port=port, max_request_mb=max_request_mb)
     except (CmadError, OSError) as exc:
         _fail(exc)
@@ -272,6 +287,9 @@ def bench(
     resolution: int = typer.Option(224, "--resolution"),
     cache: Path | None = typer.Option(None, "--cache"),
     seed: int = typer.Option(0, "--seed"),
+    executor: str = typer.Option("local", "--executor", help="local | ray (the [ray] extra)"),
+    address: str | None = typer.Option(
+        None, "--address", help="Ray cluster to join (auto or HOST:PORT; default: a local one)"),
     threads: int = typer.Option(2, "--threads"),
     quiet: bool = typer.Option(False, "--quiet"),
 ) -> None:
@@ -290,6 +308,7 @@ def bench(
             methods=[m.strip() for m in methods.split(",")] if methods else None,
             shots=shot_list,
             size=resolution, cache_dir=cache, seed=seed, threads=threads, progress=not quiet,
+            executor=executor, address=address,
         )
     except (CmadError, OSError) as exc:
         _fail(exc)

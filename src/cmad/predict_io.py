@@ -32,16 +32,17 @@ def read_sample(rgb: Path | None, xyz: Path | None, stem: str, rgb_data: bytes |
                   paths=SamplePaths(rgb, xyz, None))
 
 
-def collect_inputs(rgb: Path | None, xyz: Path | None, input_dir: Path | None,
-                   modalities: Sequence[str]) -> list[Sample]:
-    """One sample from --rgb/--xyz, or every stem of an input folder with rgb/ and xyz/."""
+def input_files(rgb: Path | None, xyz: Path | None, input_dir: Path | None,
+                modalities: Sequence[str]) -> list[tuple[Path | None, Path | None, str]]:
+    """(rgb path, xyz path, stem) of the one sample given by --rgb/--xyz, or of every stem of
+    an input folder with rgb/ and xyz/, sorted; nothing is read yet."""
     need_rgb, need_xyz = "rgb" in modalities, "xyz" in modalities
     if input_dir is None:
         if (need_rgb and rgb is None) or (need_xyz and xyz is None):
             raise DataError(None, f"the model needs {' and '.join(modalities)}: pass "
                                   + " and ".join(f"--{m}" for m in modalities))
         stem = Path(rgb or xyz).stem  # type: ignore[arg-type]
-        return [read_sample(rgb if need_rgb else None, xyz if need_xyz else None, stem)]
+        return [(rgb if need_rgb else None, xyz if need_xyz else None, stem)]
     d = Path(input_dir)
     rgb_files = {p.stem: p for p in sorted((d / "rgb").glob("*.png"))} if need_rgb else {}
     xyz_files = {p.stem: p for p in sorted((d / "xyz").glob("*.tif*"))} if need_xyz else {}
@@ -53,7 +54,47 @@ def collect_inputs(rgb: Path | None, xyz: Path | None, input_dir: Path | None,
             raise DataError(d / "rgb" / f"{s}.png", "missing: the point cloud has no RGB image")
         if need_xyz and s not in xyz_files:
             raise DataError(d / "xyz" / f"{s}.tiff", "missing: the RGB image has no point cloud")
-    return [read_sample(rgb_files.get(s), xyz_files.get(s), s) for s in stems]
+    return [(rgb_files.get(s), xyz_files.get(s), s) for s in stems]
+
+
+def collect_inputs(rgb: Path | None, xyz: Path | None, input_dir: Path | None,
+                   modalities: Sequence[str]) -> list[Sample]:
+    """One sample from --rgb/--xyz, or every stem of an input folder with rgb/ and xyz/."""
+    return [read_sample(*f) for f in input_files(rgb, xyz, input_dir, modalities)]
+
+
+def _load_for_worker(model_dir: str, threads: int | None):
+    """A Ray worker's state: the model, loaded once (see `predict_distributed`)."""
+    from cmad.pipeline import Detector
+    from cmad.runtime import set_threads
+
+    set_threads(threads)
+    return Detector.load(model_dir)
+
+
+def _predict_chunk(det, files: list[tuple[Path | None, Path | None, str]]
+                   ) -> tuple[list[Sample], list[Prediction]]:
+    samples = [read_sample(*f) for f in files]
+    return samples, det.predict(samples, branch_maps=False)
+
+
+def predict_distributed(model_dir: Path, files: Sequence[tuple[Path | None, Path | None, str]],
+                        batch_size: int, threads: int | None = None, address: str | None = None,
+                        workers: int | None = None, batches_per_chunk: int = 2
+                        ) -> tuple[list[Sample], list[Prediction]]:
+    """Read and score `files` on a Ray cluster: chunks of whole batches (so each batch holds
+    the samples it holds in a local run, and the scores are the local run's bit for bit) on
+    a pool of actors that each load the model once; samples and predictions in file order."""
+    from cmad.executor import map_with_state, ray_session
+
+    chunk = max(1, int(batch_size)) * max(1, int(batches_per_chunk))
+    chunks = [list(files[i : i + chunk]) for i in range(0, len(files), chunk)]
+    with ray_session(address) as ray:
+        parts = map_with_state(ray, _load_for_worker, (str(model_dir), threads), _predict_chunk,
+                               chunks, workers=workers, cpus_per_worker=threads or 1)
+    samples = [s for ss, _ in parts for s in ss]
+    preds = [p for _, pp in parts for p in pp]
+    return samples, preds
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,8 @@ byte; `?map=png` is its overlays/<stem>.png.
 Built on the standard library (`http.server.ThreadingHTTPServer`, multipart parsed by
 `email`): inference is CPU-bound and runs one request at a time on the one shared model (a
 lock), so an async framework would add dependencies and gain nothing; one thread per
-connection still decodes uploads and encodes answers beside a running inference. Limits
+connection still decodes uploads and encodes answers beside a running inference
+(`--concurrency N` lets N inferences share the model at once). Limits
 are checked before a byte of the body is read (413), and every bad upload gets a 4xx with
 the message the CLI prints for the same file. Bind to loopback (the default) or put a
 reverse proxy with TLS in front: http.server implements only basic security checks.
@@ -22,7 +23,6 @@ reverse proxy with TLS in front: http.server implements only basic security chec
 from __future__ import annotations
 
 import base64
-import contextlib
 import email.parser
 import email.policy
 import hashlib
@@ -41,7 +41,7 @@ import numpy as np
 
 from cmad import __version__
 from cmad.data.io import png_bytes, tiff_bytes
-from cmad.errors import CmadError, DataError
+from cmad.errors import CmadError, ConfigError, DataError
 from cmad.pipeline import CONFIG_NAME, Detector
 from cmad.predict_io import decide, overlay, read_sample
 
@@ -126,15 +126,19 @@ class ModelService:
     """One loaded model shared by every request; inference under a lock (see `predict`)."""
 
     def __init__(self, model_dir: str | Path, max_pixels: int = MAX_PIXELS,
-                 lock: bool = True, warmup: bool = True) -> None:
+                 concurrency: int = 1, warmup: bool = True) -> None:
+        if concurrency < 1:
+            raise ConfigError(f"--concurrency must be a positive integer, got {concurrency}")
         self.model_dir = Path(model_dir)
         self.detector = Detector.load(self.model_dir)
         self.max_pixels = int(max_pixels)
-        # torch.set_num_threads is process-wide and the stages change it around some calls,
-        # so concurrent inferences could run with each other's thread counts (and results
-        # that differ in the last bits); one inference at a time keeps answers identical to
-        # `cmad predict`. lock=False is for measuring only.
-        self._lock = threading.Lock() if lock else contextlib.nullcontext()
+        # How many inferences run at once on the one model. 1 (the default): one at a time,
+        # answers exactly those of `cmad predict`. More lets requests share the CPUs; the
+        # model is only read while scoring and 80 concurrent requests gave the same bytes
+        # as sequential ones (RESULTS.md), but torch's thread setting is process-wide and
+        # some stages change it for a moment, so that is measured, not guaranteed.
+        self.concurrency = int(concurrency)
+        self._lock = threading.BoundedSemaphore(self.concurrency)
         meta = json.loads((self.model_dir / CONFIG_NAME).read_text())
         self.info = {
             "model": str(self.model_dir),
@@ -152,6 +156,7 @@ class ModelService:
             "format_version": meta.get("format_version"),
             "saved_by_cmad": meta.get("cmad_version"),
             "cmad_version": __version__,
+            "concurrency": self.concurrency,
         }
         self.started = time.time()
         self.served = 0
