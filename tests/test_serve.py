@@ -154,3 +154,28 @@ def test_concurrent_requests_all_answer_the_same(server, model):
     scores = [a["score"] for _, a in answers]
     assert len(set(scores[0::2])) == 1 and len(set(scores[1::2])) == 1
     assert scores[0] != scores[1]
+
+
+def test_the_cli_imports_no_ray_and_no_server():
+    import subprocess
+    import sys
+
+    code = ("import sys, cmad.cli, cmad.bench, cmad.predict_io, cmad.serve; "
+            "print(sorted(m for m in ('ray', 'fastapi', 'uvicorn') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_cli_serve_and_executor_errors(tmp_path):
+    from typer.testing import CliRunner
+
+    from cmad.cli import app
+
+    runner = CliRunner()
+    r = runner.invoke(app, ["serve", "--model", str(tmp_path / "none"), "--threads", "1"])
+    assert r.exit_code == 2 and "config.json: missing" in r.output
+    r = runner.invoke(app, ["serve", "--model", str(tmp_path), "--port", "70000"])
+    assert r.exit_code == 2 and "--port" in r.output
+    r = runner.invoke(app, ["predict", "--model", str(tmp_path), "--out", str(tmp_path / "o"),
+                            "--input", str(tmp_path), "--executor", "dask", "--threads", "1"])
+    assert r.exit_code == 2 and "--executor must be one of local, ray" in r.output

@@ -304,6 +304,18 @@ class Handler(http.server.BaseHTTPRequestHandler):
         else:
             self._send(200, answer)
 
+    def handle_expect_100(self) -> bool:
+        """Refuse an oversized upload before the client sends it (curl asks first)."""
+        length = self.headers.get("Content-Length", "")
+        if length.isdigit() and int(length) > self.server.max_request_bytes:
+            self._error(413, self._too_big(int(length)), close=True)
+            return False
+        return super().handle_expect_100()
+
+    def _too_big(self, n: int) -> str:
+        return (f"request is {n} bytes, more than the service's limit of "
+                f"{self.server.max_request_bytes} bytes (--max-request-mb)")
+
     def _read_body(self) -> bytes:
         if self.headers.get("Transfer-Encoding", "").lower() not in ("", "identity"):
             raise RequestError(411, "send the upload with a Content-Length (chunked bodies are "
@@ -318,8 +330,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if n < 0:
             raise RequestError(400, f"bad Content-Length {length!r}")
         if n > self.server.max_request_bytes:
-            raise RequestError(413, f"request is {n} bytes, more than the service's limit of "
-                                    f"{self.server.max_request_bytes} bytes (--max-request-mb)")
+            raise RequestError(413, self._too_big(n))
         body = self.rfile.read(n)
         if len(body) != n:
             raise RequestError(400, f"request body ended after {len(body)} of {n} bytes")
