@@ -76,3 +76,15 @@ def test_predict_on_ray_writes_the_local_outputs(ray_local, tiny_model, tmp_path
     assert len(names) == 2 * len(samples) + 1
     for n in names:
         assert (a / n).read_bytes() == (b / n).read_bytes(), n
+
+
+def test_a_worker_error_comes_back_as_the_cli_error(ray_local, tiny_model, tmp_path):
+    """A model a worker cannot load: the driver raises the worker's ModelFormatError (the
+    CLI's `error: ...` line), not a Ray traceback."""
+    from cmad.errors import ModelFormatError
+    from cmad.predict_io import input_files, predict_distributed
+
+    d = tiny_model[1] / "test" / "good"
+    files = input_files(d / "rgb" / "000.png", d / "xyz" / "000.tiff", None, ["rgb", "xyz"])
+    with pytest.raises(ModelFormatError, match="config.json: missing"):
+        predict_distributed(tmp_path / "none", files, 2, threads=1, workers=1)

@@ -60,28 +60,48 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
             ray.shutdown()
 
 
+class _Failed:
+    """A user error (CmadError, OSError) raised in a worker, sent back as a value: raised
+    there, Ray would print the worker's traceback and wrap the error in its own."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self.kind = type(exc)
+        self.message = str(exc)
+
+    def error(self) -> BaseException:
+        if issubclass(self.kind, OSError):
+            return OSError(self.message)
+        try:  # DataError, ModelFormatError, OutputError take (path, problem)
+            return self.kind(None, self.message)
+        except TypeError:
+            return self.kind(self.message)
+
+
+def _guarded(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    try:
+        return fn(*args, **kwargs)
+    except (CmadError, OSError) as exc:
+        return _Failed(exc)
+
+
 def _get(ray, refs: list, on_done: Callable[[], None] | None) -> list:
     pending = list(refs)
-    try:
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            ray.get(done)  # raise the first failure as soon as it happens
-            if on_done is not None:
-                on_done()
-        return ray.get(refs)
-    except ray.exceptions.RayTaskError as exc:
-        cause = getattr(exc, "cause", None)
-        if isinstance(cause, (CmadError, OSError)):
-            raise cause from None  # the worker's clear message, not a remote traceback
-        raise
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        for r in ray.get(done):
+            if isinstance(r, _Failed):  # the worker's clear message, not a remote traceback
+                raise r.error()
+        if on_done is not None:
+            on_done()
+    return ray.get(refs)
 
 
 def map_tasks(ray, fn: Callable[..., Any], jobs: Sequence[dict], cpus_per_task: float = 1,
               on_done: Callable[[], None] | None = None) -> list:
     """`fn(**job)` for every job as Ray tasks (`fn` must be importable by the workers: a
     module-level function); the results in job order."""
-    remote = ray.remote(num_cpus=cpus_per_task, max_retries=0)(fn)
-    return _get(ray, [remote.remote(**job) for job in jobs], on_done)
+    remote = ray.remote(num_cpus=cpus_per_task, max_retries=0)(_guarded)
+    return _get(ray, [remote.remote(fn, **job) for job in jobs], on_done)
 
 
 class _Worker:
@@ -89,10 +109,12 @@ class _Worker:
     applies `fn(state, item)` to each item it is given."""
 
     def __init__(self, init: Callable[..., Any], args: tuple) -> None:
-        self.fn_state = init(*args)
+        self.state = _guarded(init, *args)
 
     def run(self, fn: Callable[[Any, Any], Any], item: Any) -> Any:
-        return fn(self.fn_state, item)
+        if isinstance(self.state, _Failed):
+            return self.state
+        return _guarded(fn, self.state, item)
 
 
 def map_with_state(ray, init: Callable[..., Any], init_args: tuple, fn: Callable[[Any, Any], Any],

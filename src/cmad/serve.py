@@ -286,6 +286,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             body = self._read_body()
         except RequestError as exc:  # the body was not read: close the connection
             self._error(exc.status, exc.message, close=True)
+            if exc.status == 413:
+                self._drain()
             return
         try:
             query = parse_qs(urlsplit(self.path).query)
@@ -311,6 +313,24 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self._error(413, self._too_big(int(length)), close=True)
             return False
         return super().handle_expect_100()
+
+    def _drain(self, max_s: float = 5.0) -> None:
+        """Read and drop a refused upload for a few seconds (at most 4 limits' worth), so
+        that a client still sending it reads the 413 rather than a broken connection."""
+        try:
+            left = min(int(self.headers.get("Content-Length", "0")), 4 * self.server.max_request_bytes)
+        except ValueError:
+            return
+        deadline = time.monotonic() + max_s
+        try:
+            self.connection.settimeout(1.0)
+            while left > 0 and time.monotonic() < deadline:
+                chunk = self.rfile.read1(min(left, 1 << 16))
+                if not chunk:
+                    break
+                left -= len(chunk)
+        except OSError:
+            pass
 
     def _too_big(self, n: int) -> str:
         return (f"request is {n} bytes, more than the service's limit of "
