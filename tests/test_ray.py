@@ -28,6 +28,20 @@ def test_executor_options_are_checked():
         check_executor("local", "auto")
 
 
+def test_an_address_where_no_cluster_listens_is_refused_at_once():
+    import socket
+
+    from cmad.executor import _probe
+
+    with socket.socket() as s:  # a port that was free a moment ago
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(ConfigError, match="no Ray cluster answers"):
+        _probe(f"127.0.0.1:{port}")  # what ray_session does before joining a cluster
+    with pytest.raises(ConfigError, match="HOST:PORT"):
+        _probe("head:abc")
+
+
 def test_bench_on_ray_has_the_local_metrics(ray_local, tiny_root, tmp_path):
     from cmad.bench import run_bench
     from cmad.model.config import DetectorConfig

@@ -38,6 +38,23 @@ def _import_ray():
     return ray
 
 
+def _probe(address: str, timeout_s: float = 5.0) -> None:
+    """Refuse a HOST:PORT where nothing listens (ray.init would wait a long time, silently)."""
+    import socket
+
+    if "://" in address or address == "auto" or ":" not in address:
+        return
+    host, _, port = address.rpartition(":")
+    if not port.isdigit():
+        raise ConfigError(f"--address {address}: expected auto or HOST:PORT")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"--address {address}: no Ray cluster answers there "
+                          f"({exc.strerror or exc}); start one with `ray start --head`") from None
+
+
 @contextlib.contextmanager
 def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iterator[Any]:
     """The `ray` module, connected: to `address`, or to a private local instance (with
@@ -49,6 +66,8 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
         kw: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING}
         if address is None:
             kw["num_cpus"] = num_cpus
+        else:
+            _probe(address)
         try:
             ray.init(address=address, **kw)
         except (ConnectionError, RuntimeError, ValueError) as exc:
