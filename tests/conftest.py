@@ -1,4 +1,5 @@
 from fixture_eyecandies import *  # noqa
+from fixture_model import *  # noqa
 from fixture_mvtec import *  # noqa
 from fixture_synth import *  # noqa
 

@@ -10,7 +10,7 @@ import cmad
 ROOT = Path(cmad.__file__).parent
 # a layer may import itself and any layer with a lower number
 LAYERS = {
-    "base": 0,       # errors, types, configs, cache, runtime
+    "base": 0,       # errors, types, configs, cache, runtime, executor
     "data": 1,
     "synth": 2,
     "features": 2,
@@ -21,9 +21,10 @@ LAYERS = {
     "predict_io": 5,
     "report": 5,
     "bench": 6,
+    "serve": 6,
     "cli": 7,
 }
-BASE = {"errors", "types", "configs", "cache", "runtime", "__init__"}
+BASE = {"errors", "types", "configs", "cache", "runtime", "executor", "__init__"}
 
 
 def _layer(module: str) -> str:

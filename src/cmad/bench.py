@@ -14,7 +14,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -323,6 +323,42 @@ def _panels(cd: CategoryData, idx: list[int], preds: list) -> list[dict]:
     return out
 
 
+def bench_category(data: Path, category: str, size: int, seed: int, cache_dir: Path | None,
+                   methods: Sequence[str], shots: Sequence[int], base: DetectorConfig | None,
+                   panels_per_type: int, threads: int, run_methods: bool = True,
+                   progress: bool = False, tick: Callable[..., None] | None = None) -> dict:
+    """One category's part of the bench: every method (unless `run_methods` is False) and
+    every few-shot count in `shots`, on features extracted once (for all of `methods`).
+    Plain data out, so that it can run as a Ray task: {"rows": {method: row or None},
+    "panels": [...], "shots": {"K": {method: metrics}}}."""
+    set_threads(threads)
+    cd, ext = load_category(data, category, size, seed, cache_dir, progress, methods, base)
+    c = category
+    out: dict = {"rows": {}, "panels": [], "shots": {}}
+    for m in methods if run_methods else []:
+        if not _runnable(method_config(m, seed, size, base), cd.modalities):
+            log.warning("%s: skipping %s, which needs modalities this category lacks", c, m)
+            out["rows"][m] = None
+        else:
+            row, det, preds = run_method(m, cd, seed, size, ext, base=base)
+            out["rows"][m] = row
+            if m == "cmad":  # per-branch maps for the figures, outside the timed loop
+                idx = _panel_indices(cd.test, panels_per_type)
+                preds, _ = det.predict_features(cd.test_fm.select(idx), [cd.test[i] for i in idx],
+                                                branch_maps=True)
+                out["panels"].extend(_panels(cd, idx, preds))
+        if tick is not None:
+            tick(c, m)
+    for k in shots:
+        for m in SHOT_METHODS:
+            if _runnable(method_config(m, seed, size, base), cd.modalities):
+                row, _, _ = run_method(m, cd, seed, size, ext, shots=k, base=base)
+                out["shots"].setdefault(str(k), {})[m] = row["metrics"]
+            if tick is not None:
+                tick(c, f"{m}@{k}")
+    return out
+
+
 @dataclass
 class BenchResult:
     results: dict
@@ -343,11 +379,19 @@ def run_bench(
     progress: bool = True,
     base: DetectorConfig | None = None,
     panels_per_type: int = 2,
+    executor: str = "local",
+    address: str | None = None,
 ) -> BenchResult:
-    """Fit and evaluate every method on every category; write the report folder."""
+    """Fit and evaluate every method on every category; write the report folder.
+
+    `executor="ray"`: each category's methods, and each of its few-shot counts, run as a
+    Ray task (`address`: an existing cluster, see `cmad.executor`); the metrics are the
+    local run's, the timings are those of the workers (which share their machines)."""
     from cmad.data import open_dataset
+    from cmad.executor import check_executor
     from cmad.report import summary_text, write_report
 
+    check_executor(executor, address)
     set_threads(threads)
     methods = list(methods or DEFAULT_METHODS)
     for m in methods:
@@ -368,36 +412,43 @@ def run_bench(
     shot_rows: dict[str, dict[str, dict]] = {}
     bar = tqdm(total=len(cats) * (len(methods) + len(shots or []) * len(SHOT_METHODS)),
                desc="bench", disable=not progress)
-    for c in cats:
-        cd, ext = load_category(data, c, size, seed, cache_dir, progress, methods, base)
+    common = {"data": data, "size": size, "seed": seed, "cache_dir": cache_dir, "methods": methods,
+              "base": base, "panels_per_type": panels_per_type, "threads": threads}
+    if executor == "local":
+        outs = [bench_category(category=c, shots=shots or [], progress=progress,
+                               tick=lambda c=c, m="": (bar.set_postfix(category=c, method=m),
+                                                       bar.update(1)), **common)
+                for c in cats]
+    else:  # one task per category for the methods, one per category and few-shot count
+        from cmad.executor import map_tasks, ray_session
+
+        jobs = [{"category": c, "shots": [], **common} for c in cats]
+        jobs += [{"category": c, "shots": [k], "run_methods": False, **common}
+                 for c in cats for k in shots or []]
+        with ray_session(address) as ray:
+            parts = map_tasks(ray, bench_category, jobs, cpus_per_task=threads)
+        by_cat: dict[str, dict] = {}
+        for job, part in zip(jobs, parts):  # in the local run's order: methods, then shots
+            got = by_cat.setdefault(job["category"], {"rows": {}, "panels": [], "shots": {}})
+            got["rows"].update(part["rows"])
+            got["panels"].extend(part["panels"])
+            got["shots"].update(part["shots"])
+        outs = [by_cat[c] for c in cats]
+        bar.update(bar.total - bar.n)
+    for c, got in zip(cats, outs):
         for m in methods:
-            bar.set_postfix(category=c, method=m)
-            if not _runnable(method_config(m, seed, size, base), cd.modalities):
-                log.warning("%s: skipping %s, which needs modalities this category lacks", c, m)
-                results["methods"][m]["categories"][c] = {k: float("nan") for k in METRICS}
-                bar.update(1)
-                continue
-            row, det, preds = run_method(m, cd, seed, size, ext, base=base)
+            row = got["rows"][m]
             res = results["methods"][m]
+            if row is None:  # the method needs modalities this category lacks
+                res["categories"][c] = {k: float("nan") for k in METRICS}
+                continue
             res["categories"][c] = row["metrics"]
             res["per_defect"][c] = row["per_defect"]
             per_method_eff[m].append(row)
-            if m == "cmad":  # per-branch maps for the figures, outside the timed loop
-                idx = _panel_indices(cd.test, panels_per_type)
-                preds, _ = det.predict_features(cd.test_fm.select(idx), [cd.test[i] for i in idx],
-                                                branch_maps=True)
-                panels.extend(_panels(cd, idx, preds))
-            bar.update(1)
-        for k in shots or []:
-            for m in SHOT_METHODS:
-                if not _runnable(method_config(m, seed, size, base), cd.modalities):
-                    bar.update(1)
-                    continue
-                bar.set_postfix(category=c, method=f"{m}@{k}")
-                row, _, _ = run_method(m, cd, seed, size, ext, shots=k, base=base)
-                shot_rows.setdefault(str(k), {}).setdefault(m, {})[c] = row["metrics"]
-                bar.update(1)
-        del cd
+        panels.extend(got["panels"])
+        for k, by_method in got["shots"].items():
+            for m, metrics in by_method.items():
+                shot_rows.setdefault(k, {}).setdefault(m, {})[c] = metrics
     bar.close()
     for m in methods:
         res = results["methods"][m]

@@ -206,25 +206,75 @@ def predict(
     xyz: Path | None = typer.Option(None, "--xyz", help="its organized point cloud TIFF"),
     input_dir: Path | None = typer.Option(
         None, "--input", help="a folder with rgb/ and xyz/ subfolders (dataset layout)"),
+    executor: str = typer.Option("local", "--executor", help="local | ray (the [ray] extra)"),
+    address: str | None = typer.Option(
+        None, "--address", help="Ray cluster to join (auto or HOST:PORT; default: a local one)"),
+    workers: int | None = typer.Option(None, "--workers", help="Ray actors (default: CPUs / threads)"),
     threads: int = typer.Option(2, "--threads"),
     quiet: bool = typer.Option(False, "--quiet"),
 ) -> None:
     """Score new samples; write anomaly maps (TIFF), overlays (PNG) and scores.json."""
     _setup(quiet, threads)
+    from cmad.executor import check_executor
     from cmad.pipeline import Detector
-    from cmad.predict_io import collect_inputs, write_outputs
+    from cmad.predict_io import collect_inputs, decide, input_files, predict_distributed, write_outputs
 
     try:
+        check_executor(executor, address)
+        if workers is not None and workers < 1:
+            raise CmadError(f"--workers must be a positive integer, got {workers}")
         det = Detector.load(model)
-        samples = collect_inputs(rgb=rgb, xyz=xyz, input_dir=input_dir, modalities=det.modalities)
-        preds = det.predict(samples, progress=not quiet)
+        if executor == "ray":
+            files = input_files(rgb=rgb, xyz=xyz, input_dir=input_dir, modalities=det.modalities)
+            samples, preds = predict_distributed(model, files, det.config.batch_size, threads=threads,
+                                                 address=address, workers=workers)
+        else:
+            samples = collect_inputs(rgb=rgb, xyz=xyz, input_dir=input_dir, modalities=det.modalities)
+            preds = det.predict(samples, progress=not quiet)
         path = write_outputs(out, samples, preds, threshold=det.threshold)
     except (CmadError, OSError) as exc:
         _fail(exc)
     for s, p in zip(samples, preds):
-        flag = "ANOMALOUS" if p.score > det.threshold else "normal"
-        typer.echo(f"{s.stem}: score {p.score:.3f} ({flag}, threshold {det.threshold:.3f})")
+        d = decide(p, det.threshold)
+        flag = "ANOMALOUS" if d.anomalous else "normal"
+        typer.echo(f"{s.stem}: score {d.score:.3f} ({flag}, threshold {d.threshold:.3f})")
     typer.echo(f"wrote {path}")
+
+
+@app.command()
+def serve(
+    model: Path = typer.Option(..., "--model"),
+    host: str = typer.Option("127.0.0.1", "--host", help="address to bind (loopback by default)"),
+    port: int = typer.Option(8000, "--port", help="TCP port (0: any free port)"),
+    max_request_mb: float = typer.Option(64.0, "--max-request-mb", help="larger uploads get 413"),
+    concurrency: int = typer.Option(
+        1, "--concurrency", help="inferences at once on the shared model (1: one at a time)"),
+    threads: int = typer.Option(2, "--threads"),
+    quiet: bool = typer.Option(False, "--quiet"),
+) -> None:
+    """HTTP service: POST /predict (multipart rgb PNG + xyz TIFF), GET /health, GET /model."""
+    _setup(quiet, threads)
+    if not 0 <= port <= 65535:
+        _fail(CmadError(f"--port must be 0-65535, got {port}"))
+    if not max_request_mb > 0:
+        _fail(CmadError(f"--max-request-mb must be positive, got {max_request_mb}"))
+    from cmad.serve import ModelService, Server
+
+    try:
+        svc = ModelService(model, concurrency=concurrency)
+        server = Server(svc, host=host, port=port, max_request_mb=max_request_mb)
+    except (CmadError, OSError) as exc:
+        _fail(exc)
+    info = svc.info
+    typer.echo(f"serving {info['category']} model {model} (threshold {info['threshold']:.3f}, "
+               f"branches {', '.join(info['branches'])}) on {server.url}", err=False)
+    sys.stdout.flush()
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
 
 
 @app.command()
@@ -237,6 +287,9 @@ def bench(
     resolution: int = typer.Option(224, "--resolution"),
     cache: Path | None = typer.Option(None, "--cache"),
     seed: int = typer.Option(0, "--seed"),
+    executor: str = typer.Option("local", "--executor", help="local | ray (the [ray] extra)"),
+    address: str | None = typer.Option(
+        None, "--address", help="Ray cluster to join (auto or HOST:PORT; default: a local one)"),
     threads: int = typer.Option(2, "--threads"),
     quiet: bool = typer.Option(False, "--quiet"),
     scale: str | None = typer.Option(
@@ -277,6 +330,7 @@ def bench(
             methods=[m.strip() for m in methods.split(",")] if methods else None,
             shots=shot_list,
             size=resolution, cache_dir=cache, seed=seed, threads=threads, progress=not quiet,
+            executor=executor, address=address,
         )
     except (CmadError, OSError) as exc:
         _fail(exc)

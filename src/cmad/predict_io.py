@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -12,11 +13,14 @@ from cmad.errors import DataError
 from cmad.types import Prediction, Sample, SamplePaths
 
 
-def _sample(rgb: Path | None, xyz: Path | None, stem: str) -> Sample:
+def read_sample(rgb: Path | None, xyz: Path | None, stem: str, rgb_data: bytes | None = None,
+                xyz_data: bytes | None = None) -> Sample:
+    """One unlabelled sample from its files, or from their bytes (`rgb_data`, `xyz_data`: an
+    upload; the paths then only name the files in errors). Raises `DataError`."""
     from cmad.data.io import read_rgb, read_xyz
 
-    img = read_rgb(rgb) if rgb is not None else None
-    cloud, valid = read_xyz(xyz) if xyz is not None else (None, None)
+    img = read_rgb(rgb, rgb_data) if rgb is not None else None
+    cloud, valid = read_xyz(xyz, xyz_data) if xyz is not None else (None, None)
     if img is not None and cloud is not None and img.shape[:2] != cloud.shape[:2]:
         raise DataError(xyz, f"point cloud is {cloud.shape[1]}x{cloud.shape[0]} (WxH) but the "
                              f"RGB image {rgb} is {img.shape[1]}x{img.shape[0]}")
@@ -28,16 +32,17 @@ def _sample(rgb: Path | None, xyz: Path | None, stem: str) -> Sample:
                   paths=SamplePaths(rgb, xyz, None))
 
 
-def collect_inputs(rgb: Path | None, xyz: Path | None, input_dir: Path | None,
-                   modalities: Sequence[str]) -> list[Sample]:
-    """One sample from --rgb/--xyz, or every stem of an input folder with rgb/ and xyz/."""
+def input_files(rgb: Path | None, xyz: Path | None, input_dir: Path | None,
+                modalities: Sequence[str]) -> list[tuple[Path | None, Path | None, str]]:
+    """(rgb path, xyz path, stem) of the one sample given by --rgb/--xyz, or of every stem of
+    an input folder with rgb/ and xyz/, sorted; nothing is read yet."""
     need_rgb, need_xyz = "rgb" in modalities, "xyz" in modalities
     if input_dir is None:
         if (need_rgb and rgb is None) or (need_xyz and xyz is None):
             raise DataError(None, f"the model needs {' and '.join(modalities)}: pass "
                                   + " and ".join(f"--{m}" for m in modalities))
         stem = Path(rgb or xyz).stem  # type: ignore[arg-type]
-        return [_sample(rgb if need_rgb else None, xyz if need_xyz else None, stem)]
+        return [(rgb if need_rgb else None, xyz if need_xyz else None, stem)]
     d = Path(input_dir)
     rgb_files = {p.stem: p for p in sorted((d / "rgb").glob("*.png"))} if need_rgb else {}
     xyz_files = {p.stem: p for p in sorted((d / "xyz").glob("*.tif*"))} if need_xyz else {}
@@ -49,7 +54,73 @@ def collect_inputs(rgb: Path | None, xyz: Path | None, input_dir: Path | None,
             raise DataError(d / "rgb" / f"{s}.png", "missing: the point cloud has no RGB image")
         if need_xyz and s not in xyz_files:
             raise DataError(d / "xyz" / f"{s}.tiff", "missing: the RGB image has no point cloud")
-    return [_sample(rgb_files.get(s), xyz_files.get(s), s) for s in stems]
+    return [(rgb_files.get(s), xyz_files.get(s), s) for s in stems]
+
+
+def collect_inputs(rgb: Path | None, xyz: Path | None, input_dir: Path | None,
+                   modalities: Sequence[str]) -> list[Sample]:
+    """One sample from --rgb/--xyz, or every stem of an input folder with rgb/ and xyz/."""
+    return [read_sample(*f) for f in input_files(rgb, xyz, input_dir, modalities)]
+
+
+def _load_for_worker(model_dir: str, threads: int | None):
+    """A Ray worker's state: the model, loaded once (see `predict_distributed`)."""
+    from cmad.pipeline import Detector
+    from cmad.runtime import set_threads
+
+    set_threads(threads)
+    return Detector.load(model_dir)
+
+
+def _predict_chunk(det, files: list[tuple[Path | None, Path | None, str]]
+                   ) -> tuple[list[Sample], list[Prediction]]:
+    samples = [read_sample(*f) for f in files]
+    return samples, det.predict(samples, branch_maps=False)
+
+
+def predict_distributed(model_dir: Path, files: Sequence[tuple[Path | None, Path | None, str]],
+                        batch_size: int, threads: int | None = None, address: str | None = None,
+                        workers: int | None = None, batches_per_chunk: int = 2
+                        ) -> tuple[list[Sample], list[Prediction]]:
+    """Read and score `files` on a Ray cluster: chunks of whole batches (so each batch holds
+    the samples it holds in a local run, and the scores are the local run's bit for bit) on
+    a pool of actors that each load the model once; samples and predictions in file order."""
+    from cmad.executor import map_with_state, ray_session
+
+    chunk = max(1, int(batch_size)) * max(1, int(batches_per_chunk))
+    chunks = [list(files[i : i + chunk]) for i in range(0, len(files), chunk)]
+    with ray_session(address) as ray:
+        parts = map_with_state(ray, _load_for_worker, (str(model_dir), threads), _predict_chunk,
+                               chunks, workers=workers, cpus_per_worker=threads or 1)
+    samples = [s for ss, _ in parts for s in ss]
+    preds = [p for _, pp in parts for p in pp]
+    return samples, preds
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The verdict on one prediction: what `cmad predict` (scores.json and its printed lines)
+    and `cmad serve` (the /predict answer) both report, from `decide` alone.
+
+    `mask`: a predicted defect mask (bool, original size) where the decision rule makes one;
+    None today. serve returns it when present (PNG, on request), predict can write it.
+    """
+
+    score: float
+    anomalous: bool
+    threshold: float
+    mask: np.ndarray | None = None
+
+    def row(self) -> dict:
+        """The JSON fields of this decision (scores.json rows, the /predict answer)."""
+        return {"score": self.score, "anomalous": self.anomalous}
+
+
+def decide(pred: Prediction, threshold: float) -> Decision:
+    """The decision for one prediction against the model's threshold; the one place both
+    `cmad predict` and `cmad serve` get it from (change the rule here, both follow)."""
+    return Decision(score=float(pred.score), anomalous=bool(pred.score > threshold),
+                    threshold=float(threshold))
 
 
 def overlay(rgb: np.ndarray | None, amap: np.ndarray, threshold: float) -> np.ndarray:
@@ -81,7 +152,7 @@ def write_outputs(out: Path, samples: Sequence[Sample], preds: Sequence[Predicti
         for s, p in zip(samples, preds):
             write_tiff_atomic(tmp / "maps" / f"{s.stem}.tiff", p.anomaly_map.astype(np.float32))
             write_png_atomic(tmp / "overlays" / f"{s.stem}.png", overlay(s.rgb, p.anomaly_map, threshold))
-            rows.append({"stem": s.stem, "score": p.score, "anomalous": bool(p.score > threshold),
+            rows.append({"stem": s.stem, **decide(p, threshold).row(),
                          "rgb": str(s.paths.rgb) if s.paths.rgb else None,
                          "xyz": str(s.paths.xyz) if s.paths.xyz else None})
         write_bytes_atomic(tmp / "scores.json", json.dumps(

@@ -7,6 +7,7 @@ then `os.replace`, so a reader never sees a half-written file.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import secrets
@@ -29,6 +30,8 @@ __all__ = [
     "read_gt",
     "read_rgb",
     "read_xyz",
+    "png_bytes",
+    "tiff_bytes",
     "write_atomic",
     "write_bytes_atomic",
     "write_png_atomic",
@@ -37,14 +40,17 @@ __all__ = [
 ]
 
 
-def _open_image(path: Path) -> Image.Image:
-    if not path.is_file():
+def _open_image(path: Path, data: bytes | None = None) -> Image.Image:
+    if data is None and not path.is_file():
         raise DataError(path, "file not found")
+    src = path if data is None else io.BytesIO(data)
     try:
-        img = Image.open(path)
+        img = Image.open(src)
         img.load()
     except Exception as exc:  # noqa: BLE001 - PIL raises many unrelated types for a bad file
-        raise DataError(path, f"unreadable image ({type(exc).__name__}: {exc})") from None
+        # PIL names a stream by its repr: name the file instead, as for a path
+        msg = str(exc).replace(repr(src), repr(str(path))) if data is not None else str(exc)
+        raise DataError(path, f"unreadable image ({type(exc).__name__}: {msg})") from None
     return img
 
 
@@ -59,10 +65,14 @@ def _to_uint8(arr: np.ndarray) -> np.ndarray:
     return np.clip(arr, 0, 255).astype(np.uint8)
 
 
-def read_rgb(path: str | Path) -> np.ndarray:
-    """Read an image as uint8 (H, W, 3); grey, palette and RGBA images are converted to RGB."""
+def read_rgb(path: str | Path, data: bytes | None = None) -> np.ndarray:
+    """Read an image as uint8 (H, W, 3); grey, palette and RGBA images are converted to RGB.
+
+    `data`: the file's bytes (an upload, say), decoded instead of reading `path`, which then
+    only names the file in errors.
+    """
     path = Path(path)
-    img = _open_image(path)
+    img = _open_image(path, data)
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         grey = _to_uint8(np.asarray(img))
         return np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2))
@@ -101,17 +111,17 @@ def read_gt(path: str | Path) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
-def read_xyz(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+def read_xyz(path: str | Path, data: bytes | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Read an organized point cloud TIFF as (xyz float32 (H, W, 3), valid bool (H, W)).
 
     NaN and inf points are invalid (one warning per file), and so are all-zero points;
-    every invalid point is set to exactly (0, 0, 0).
+    every invalid point is set to exactly (0, 0, 0). `data`: as for `read_rgb`.
     """
     path = Path(path)
-    if not path.is_file():
+    if data is None and not path.is_file():
         raise DataError(path, "file not found")
     try:
-        arr = tifffile.imread(path)
+        arr = tifffile.imread(path if data is None else io.BytesIO(data))
     except Exception as exc:  # noqa: BLE001 - tifffile raises many types for a bad file
         raise DataError(path, f"unreadable TIFF ({type(exc).__name__}: {exc})") from None
     if arr.ndim != 3 or arr.shape[2] != 3:
@@ -209,27 +219,42 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     write_atomic(Path(path), lambda tmp: tmp.write_bytes(data))
 
 
+def tiff_bytes(arr: np.ndarray) -> bytes:
+    """An array encoded as a TIFF file: (H, W) as one grey page, (H, W, 3) as one page of 3
+    samples per pixel (what `write_tiff_atomic` writes)."""
+    arr = np.asarray(arr)
+    photometric = "rgb" if arr.ndim == 3 and arr.shape[2] in (3, 4) else "minisblack"
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, arr, photometric=photometric)
+    return buf.getvalue()
+
+
+def png_bytes(arr: np.ndarray, compress_level: int | None = None) -> bytes:
+    """A uint8 (H, W) or (H, W, 3|4) array (or a bool mask, as 0/255) encoded as a PNG file
+    (zlib level `compress_level`, PIL's default when None; what `write_png_atomic` writes)."""
+    arr = np.asarray(arr)
+    if arr.dtype == np.bool_:
+        arr = arr.astype(np.uint8) * 255
+    if arr.dtype != np.uint8:
+        raise ValueError(f"png_bytes expects uint8 or bool, got {arr.dtype}")
+    opts = {} if compress_level is None else {"compress_level": compress_level}
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG", **opts)
+    return buf.getvalue()
+
+
 def write_tiff_atomic(path: str | Path, arr: np.ndarray) -> None:
     """Write an array as a TIFF atomically (e.g. a float32 anomaly map or xyz cloud).
 
     (H, W) is written as one grey page, (H, W, 3) as one page of 3 samples per pixel.
     """
-    arr = np.asarray(arr)
-    photometric = "rgb" if arr.ndim == 3 and arr.shape[2] in (3, 4) else "minisblack"
-    write_atomic(Path(path), lambda tmp: tifffile.imwrite(tmp, arr, photometric=photometric))
+    write_bytes_atomic(path, tiff_bytes(arr))
 
 
 def write_png_atomic(path: str | Path, arr: np.ndarray, compress_level: int | None = None) -> None:
     """Write a uint8 (H, W) or (H, W, 3|4) array as a PNG atomically (zlib level
     `compress_level`, PIL's default when None)."""
-    arr = np.asarray(arr)
-    if arr.dtype == np.bool_:
-        arr = arr.astype(np.uint8) * 255
-    if arr.dtype != np.uint8:
-        raise ValueError(f"write_png_atomic expects uint8 or bool, got {arr.dtype}")
-    img = Image.fromarray(arr)
-    opts = {} if compress_level is None else {"compress_level": compress_level}
-    write_atomic(Path(path), lambda tmp: img.save(tmp, format="PNG", **opts))
+    write_bytes_atomic(path, png_bytes(arr, compress_level))
 
 
 @contextlib.contextmanager
