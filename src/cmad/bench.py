@@ -32,6 +32,7 @@ from cmad.model.branches import branch_class
 from cmad.model.calibrate import calibration_set
 from cmad.model.config import DetectorConfig
 from cmad.model.core import active_branches, feature_needs
+from cmad.model.decision import Decision
 from cmad.pipeline import Detector
 from cmad.runtime import set_threads
 from cmad.types import Prepared
@@ -270,6 +271,7 @@ def run_method(name: str, cd: CategoryData, seed: int, size: int, ext: FeatureEx
         disk = sum(f.stat().st_size for f in (Path(tmp) / "model").iterdir())
     ev = evaluate_predictions(cd.name, preds, cd.gts) if evaluate else None
     row = {
+        "decision": decision_rates(det.decision, preds, cd.gts),
         "category": cd.name,
         "metrics": None if ev is None else ev.metrics,
         "per_defect": None if ev is None else ev.per_defect,
@@ -285,6 +287,44 @@ def run_method(name: str, cd: CategoryData, seed: int, size: int, ext: FeatureEx
         "weights": det.weights,
     }
     return row, det, preds
+
+
+def decision_rates(decision: Decision, preds: Sequence, gts: Sequence[np.ndarray]) -> dict:
+    """How the stored decision does on labelled parts (the test split; reported, never used
+    to pick it): the false-positive rate (good parts judged anomalous), the false-negative
+    rate (defective parts judged normal), and pixel rates of the predicted masks."""
+    labels = np.array([int(p.label) for p in preds])
+    flagged = np.array([decision.anomalous(p.score) for p in preds], dtype=bool)
+    good, bad = labels == 0, labels == 1
+    fp_px = tp_px = neg_px = pos_px = 0
+    for p, g in zip(preds, gts):
+        m = decision.mask(p.anomaly_map, p.score)
+        g = np.asarray(g, dtype=bool)
+        fp_px += int((m & ~g).sum())
+        tp_px += int((m & g).sum())
+        neg_px += int((~g).sum())
+        pos_px += int(g.sum())
+    return {
+        "threshold": float(decision.threshold), "target_fpr": decision.target_fpr,
+        "pixel_threshold": float(decision.pixel_threshold),
+        "n_good": int(good.sum()), "n_defective": int(bad.sum()),
+        "fpr": float(flagged[good].mean()) if good.any() else float("nan"),
+        "fnr": float((~flagged[bad]).mean()) if bad.any() else float("nan"),
+        "pixel_fpr": fp_px / neg_px if neg_px else float("nan"),
+        "pixel_tpr": tp_px / pos_px if pos_px else float("nan"),
+    }
+
+
+DECISION_KEYS = ("fpr", "fnr", "pixel_fpr", "pixel_tpr")
+
+
+def _mean_decision(rows: dict[str, dict]) -> dict:
+    """Mean of the decision rates over the categories that have them."""
+    out = {}
+    for k in DECISION_KEYS:
+        vals = [r[k] for r in rows.values() if r and r.get(k) is not None and np.isfinite(r[k])]
+        out[k] = float(np.mean(vals)) if vals else float("nan")
+    return out
 
 
 def _mean(rows: list[dict]) -> dict:
@@ -306,7 +346,7 @@ def _panel_indices(test: Sequence[Prepared], per_type: int = 2) -> list[int]:
     return idx
 
 
-def _panels(cd: CategoryData, idx: list[int], preds: list) -> list[dict]:
+def _panels(cd: CategoryData, idx: list[int], preds: list, decision: Decision) -> list[dict]:
     out = []
     for i, pr in zip(idx, preds):
         p = cd.test[i]
@@ -317,7 +357,8 @@ def _panels(cd: CategoryData, idx: list[int], preds: list) -> list[dict]:
         maps["fused"] = pr.anomaly_map_work
         depth = p.xyz[..., 2] if p.xyz is not None else np.zeros(p.gt.shape, np.float32)
         out.append({"category": cd.name, "defect_type": p.defect_type, "stem": p.stem,
-                    "score": pr.score, "label": p.label,
+                    "score": pr.score, "label": p.label, "threshold": decision.threshold,
+                    "pixel_threshold": decision.pixel_threshold,
                     "rgb": p.rgb if p.rgb is not None else np.zeros(p.gt.shape + (3,), np.uint8),
                     "depth": depth, "gt": p.gt, "maps": maps})
     return out
@@ -381,12 +422,13 @@ def run_bench(
             res = results["methods"][m]
             res["categories"][c] = row["metrics"]
             res["per_defect"][c] = row["per_defect"]
+            res.setdefault("decision", {})[c] = row["decision"]
             per_method_eff[m].append(row)
             if m == "cmad":  # per-branch maps for the figures, outside the timed loop
                 idx = _panel_indices(cd.test, panels_per_type)
                 preds, _ = det.predict_features(cd.test_fm.select(idx), [cd.test[i] for i in idx],
                                                 branch_maps=True)
-                panels.extend(_panels(cd, idx, preds))
+                panels.extend(_panels(cd, idx, preds, det.decision))
             bar.update(1)
         for k in shots or []:
             for m in SHOT_METHODS:
@@ -403,6 +445,8 @@ def run_bench(
         res = results["methods"][m]
         rows = per_method_eff[m]
         res["mean"] = _mean(list(res["categories"].values()))
+        if res.get("decision"):
+            res["decision_mean"] = _mean_decision(res["decision"])
         if not rows:
             continue
         stages = sorted({k for r in rows for k in r["stages_ms"]})

@@ -198,33 +198,124 @@ def evaluate(
             typer.echo(f"  {k:>10}: {v:.4f}")
 
 
+def _decision(det, threshold: float | None, fpr: float | None, pixel_fpr: float | None):
+    """The model's stored decision with the command line's overrides."""
+    if threshold is not None and fpr is not None:
+        raise CmadError("--threshold and --fpr: give one of them, not both")
+    d = det.decision
+    if pixel_fpr is not None:
+        d = d.with_pixel_fpr(pixel_fpr)
+    if fpr is not None:
+        d = d.with_fpr(fpr)
+    if threshold is not None:
+        d = d.with_threshold(threshold)
+    return d
+
+
 @app.command()
 def predict(
-    model: Path = typer.Option(..., "--model"),
-    out: Path = typer.Option(..., "--out"),
+    model: Path = typer.Option(..., "--model", help="model folder written by `cmad fit`"),
+    out: Path = typer.Option(..., "--out", help="output folder (replaced whole if it exists)"),
     rgb: Path | None = typer.Option(None, "--rgb", help="one RGB PNG"),
     xyz: Path | None = typer.Option(None, "--xyz", help="its organized point cloud TIFF"),
     input_dir: Path | None = typer.Option(
         None, "--input", help="a folder with rgb/ and xyz/ subfolders (dataset layout)"),
-    threads: int = typer.Option(2, "--threads"),
-    quiet: bool = typer.Option(False, "--quiet"),
+    threshold: float | None = typer.Option(
+        None, "--threshold", help="image-score threshold: a score above it is anomalous "
+        "(default: the model's stored threshold)"),
+    fpr: float | None = typer.Option(
+        None, "--fpr", help="target false-positive rate, e.g. 0.05 = 5% of normal parts "
+        "flagged; the threshold comes from the model's stored normal-score distribution"),
+    pixel_fpr: float | None = typer.Option(
+        None, "--pixel-fpr", help="target rate of normal pixels inside the predicted defect "
+        "masks (default: the model's, 0.01)"),
+    threads: int = typer.Option(2, "--threads", help="CPU threads"),
+    quiet: bool = typer.Option(False, "--quiet", help="no progress or log lines"),
 ) -> None:
-    """Score new samples; write anomaly maps (TIFF), overlays (PNG) and scores.json."""
+    """Score new samples; write anomaly maps (TIFF), defect masks and overlays (PNG) and
+    scores.json (score, verdict, threshold, defect area per sample)."""
     _setup(quiet, threads)
     from cmad.pipeline import Detector
     from cmad.predict_io import collect_inputs, write_outputs
 
     try:
         det = Detector.load(model)
+        decision = _decision(det, threshold, fpr, pixel_fpr)
         samples = collect_inputs(rgb=rgb, xyz=xyz, input_dir=input_dir, modalities=det.modalities)
         preds = det.predict(samples, progress=not quiet)
-        path = write_outputs(out, samples, preds, threshold=det.threshold)
+        path = write_outputs(out, samples, preds, decision)
     except (CmadError, OSError) as exc:
         _fail(exc)
+    t = decision.threshold
     for s, p in zip(samples, preds):
-        flag = "ANOMALOUS" if p.score > det.threshold else "normal"
-        typer.echo(f"{s.stem}: score {p.score:.3f} ({flag}, threshold {det.threshold:.3f})")
+        flag = "ANOMALOUS" if decision.anomalous(p.score) else "normal"
+        area = int(decision.mask(p.anomaly_map, p.score).sum())
+        typer.echo(f"{s.stem}: score {p.score:.3f} ({flag}, threshold {t:.3f}"
+                   + (f", defect area {area} px" if area else "") + ")")
     typer.echo(f"wrote {path}")
+
+
+@app.command()
+def calibrate(
+    model: Path = typer.Option(..., "--model", help="model folder written by `cmad fit`"),
+    data: Path = typer.Option(
+        ..., "--data", help="normal parts the model was not trained on: a folder with rgb/ "
+        "and xyz/ subfolders (every sample taken as normal), or a dataset root, whose "
+        "validation/good samples are used"),
+    category: str | None = typer.Option(
+        None, "--category", help="the category of a dataset root (default: its only one)"),
+    fpr: float | None = typer.Option(
+        None, "--fpr", help="target false-positive rate (default: the model's, e.g. 0.01)"),
+    pixel_fpr: float | None = typer.Option(
+        None, "--pixel-fpr", help="target rate of normal pixels in the predicted masks "
+        "(default: the model's)"),
+    out: Path | None = typer.Option(
+        None, "--out", help="write the re-calibrated model here (default: replace --model)"),
+    threads: int = typer.Option(2, "--threads", help="CPU threads"),
+    quiet: bool = typer.Option(False, "--quiet", help="no progress or log lines"),
+) -> None:
+    """Re-pick the image and pixel thresholds on your own normal parts, without refitting."""
+    _setup(quiet, threads)
+    from cmad.pipeline import Detector, check_model_dir
+
+    try:
+        det = Detector.load(model)
+        if out is not None:
+            check_model_dir(out)
+        normals = _normal_parts(data, category, det.modalities)
+        old = det.decision
+        new = det.calibrate(normals, fpr=fpr, pixel_fpr=pixel_fpr, progress=not quiet,
+                            source=f"calibrate: {data}")
+        path = det.save(out if out is not None else model)
+    except (CmadError, OSError) as exc:
+        _fail(exc)
+    typer.echo(f"calibrated on {new.n_normals} normal parts (highest score {new.normal_max:.3f}): "
+               f"threshold {old.threshold:.3f} -> {new.threshold:.3f} for a "
+               f"{100 * new.target_fpr:.3g}% false-positive rate; pixel threshold "
+               f"{old.pixel_threshold:.3f} -> {new.pixel_threshold:.3f} -> {path}")
+
+
+def _normal_parts(data: Path, category: str | None, modalities: list[str]) -> list:
+    """Normal samples for `calibrate`: a predict-style folder, or a dataset's validation/good."""
+    from cmad.data import open_dataset
+    from cmad.errors import DataError
+    from cmad.predict_io import collect_inputs
+
+    if (data / "rgb").is_dir() or (data / "xyz").is_dir():
+        return collect_inputs(rgb=None, xyz=None, input_dir=data, modalities=modalities)
+    if not data.is_dir():
+        raise DataError(data, "not a folder")
+    ds = open_dataset(data)
+    cats = ds.categories
+    if category is None:
+        if len(cats) != 1:
+            raise CmadError(f"--category: {data} holds {len(cats)} categories ({', '.join(cats)}); "
+                            "name one")
+        category = cats[0]
+    samples = [s for s in ds.category(category).samples("validation") if s.label == 0]
+    if not samples:
+        raise DataError(data / category / "validation", "no normal validation samples")
+    return samples
 
 
 @app.command()
