@@ -64,7 +64,8 @@ def test_threshold_is_robust_to_a_defective_part_among_the_normals():
 def test_overrides_round_trip_and_pixel_threshold():
     rng = np.random.default_rng(2)
     maps, areas = _maps()
-    d = Decision.from_normals(np.exp(rng.normal(0, 0.2, 10)), maps, areas, fpr=0.01)
+    d = Decision.from_normals(np.exp(rng.normal(0, 0.2, 10)), maps, areas, fpr=0.01,
+                              pixel_fpr=0.01)
     assert d.with_fpr(0.05).threshold < d.threshold < d.with_fpr(0.001).threshold
     assert d.with_fpr(0.01).threshold == pytest.approx(d.threshold)
     fixed = d.with_threshold(0.123)
@@ -312,7 +313,7 @@ def test_a_format_3_model_still_loads_and_calibrate_upgrades_it(fitted, tmp_path
 # ------------------------------------------------------------------ the bench's error rates
 def test_bench_decision_rates_and_table():
     from cmad.bench import _mean_decision, decision_rates
-    from cmad.report.tables import decision_table, headline_table
+    from cmad.report.tables import decision_table, headline_table, summary_text
 
     d = Decision(threshold=1.0, pixel_threshold=0.5, target_fpr=0.01)
     amap = np.zeros((4, 4), np.float32)
@@ -337,3 +338,5 @@ def test_bench_decision_rates_and_table():
     t = decision_table(results)
     assert t.cells[0][:4] == ["cmad", "1%", "50%", "33%"] and t.cells[0][4] == "25% / 33%"
     assert "50% / 33%" in headline_table(results).cells[0]
+    lines = summary_text(results).splitlines()
+    assert lines[0].split()[-2:] == ["FPR@thr", "FNR@thr"] and lines[1].split()[-2:] == ["50%", "33%"]

@@ -156,6 +156,10 @@ def fit(
     typer.echo(f"fitted {category} on {r.n_train} train / {r.n_val} validation samples in "
                f"{r.fit_s:.1f} s; weights: {weights}; bank entries {r.bank_entries}; "
                f"model {det.model_bytes / 1e6:.2f} MB -> {out}")
+    d = det.decision
+    typer.echo(f"threshold {d.threshold:.3f} for a {100 * d.target_fpr:.3g}% false-positive rate "
+               f"(from {d.n_normals} validation normals, highest {d.normal_max:.3f}); pixel "
+               f"threshold {d.pixel_threshold:.3f}")
 
 
 @app.command()
@@ -228,7 +232,7 @@ def predict(
         "flagged; the threshold comes from the model's stored normal-score distribution"),
     pixel_fpr: float | None = typer.Option(
         None, "--pixel-fpr", help="target rate of normal pixels inside the predicted defect "
-        "masks (default: the model's, 0.01)"),
+        "masks (default: the model's, 0.005)"),
     threads: int = typer.Option(2, "--threads", help="CPU threads"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress or log lines"),
 ) -> None:

@@ -289,6 +289,8 @@ class Detector:
         fpr = fpr if fpr is not None else (old.target_fpr or self.config.fpr)
         pixel_fpr = pixel_fpr if pixel_fpr is not None else (old.pixel_target_fpr
                                                              or self.config.pixel_fpr)
+        if not normals:
+            raise ConfigError("no normal parts to calibrate the thresholds on")
         self._check_modalities(normals)
         scores, maps, areas = [], [], []
         bs = self.config.batch_size

@@ -55,7 +55,7 @@ class DetectorConfig:
     # target false-positive rates of the stored decision (cmad.model.decision): of normal
     # parts judged anomalous, and of normal pixels inside the predicted defect mask
     fpr: float = 0.01
-    pixel_fpr: float = 0.01
+    pixel_fpr: float = 0.005
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     rgb: RGBConfig = field(default_factory=RGBConfig)
     xyz: FPFHConfig = field(default_factory=FPFHConfig)

@@ -31,7 +31,7 @@ from cmad.errors import ConfigError
 log = logging.getLogger(__name__)
 
 DEFAULT_FPR = 0.01
-DEFAULT_PIXEL_FPR = 0.01
+DEFAULT_PIXEL_FPR = 0.005
 MIN_NORMALS = 1
 # stored pixel quantiles: rates from 50% down to 1e-6 (log-spaced, 1-2-5 steps)
 PIXEL_RATES: tuple[float, ...] = tuple(

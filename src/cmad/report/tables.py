@@ -410,6 +410,12 @@ def summary_text(results: Mapping[str, Any], baseline: str = BASELINE,
              for n, e in methods.items()]
     bold = best_cells(cells, range(1, len(HEADLINE_METRICS) + 1))
     header = ["method", *HEADLINE_METRICS]
+    if any(e.get("decision_mean") for e in methods.values()):
+        # the stored threshold on the test split: good parts flagged, defective parts missed
+        header += ["FPR@thr", "FNR@thr"]
+        for row, e in zip(cells, methods.values()):
+            dm = e.get("decision_mean") or {}
+            row += [fmt_rate(dm.get("fpr")), fmt_rate(dm.get("fnr"))]
     shown = [[t + ("*" if (r, c) in bold else " ") if c else t for c, t in enumerate(row)]
              for r, row in enumerate(cells)]
     widths = [max(len(header[c]) + (1 if c else 0), *(len(row[c]) for row in shown))
