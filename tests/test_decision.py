@@ -340,3 +340,32 @@ def test_bench_decision_rates_and_table():
     assert "50% / 33%" in headline_table(results).cells[0]
     lines = summary_text(results).splitlines()
     assert lines[0].split()[-2:] == ["FPR@thr", "FNR@thr"] and lines[1].split()[-2:] == ["50%", "33%"]
+
+
+def test_report_panel_shows_threshold_verdict_and_mask_outline():
+    import io
+
+    from cmad.report.figures import render_panel
+
+    rng = np.random.default_rng(4)
+    s = 64
+    yy, xx = np.mgrid[0:s, 0:s]
+    fused = (0.2 + 0.8 * np.exp(-((yy - 20) ** 2 + (xx - 40) ** 2) / 50)).astype(np.float32)
+    panel = {"category": "c", "defect_type": "hole", "stem": "000", "score": float(fused.max()),
+             "label": 1, "rgb": rng.integers(80, 160, (s, s, 3)).astype(np.uint8),
+             "depth": rng.normal(0.5, 0.01, (s, s)), "gt": (yy - 20) ** 2 + (xx - 40) ** 2 < 16,
+             "maps": {"cross-modal": fused, "rgb-bank": fused, "3d-bank": fused,
+                      "fused": fused}}
+
+    def pixels(p):
+        return np.asarray(Image.open(io.BytesIO(render_panel(p))).convert("RGB")).astype(int)
+
+    cyan = np.array([0x00, 0xE6, 0xFF])
+    red = np.array([0xC6, 0x28, 0x28])
+    plain = pixels(panel)
+    decided = pixels(dict(panel, threshold=0.7, pixel_threshold=0.5))
+    w = decided.shape[1]
+    fused_part = decided[:, int(0.85 * w):]
+    assert (np.abs(fused_part - cyan).sum(-1) < 60).sum() > 20  # the mask outline
+    assert (np.abs(fused_part - red).sum(-1) < 40).sum() > 20  # ANOMALOUS in red
+    assert (np.abs(plain[:, int(0.85 * w):] - cyan).sum(-1) < 60).sum() == 0

@@ -87,10 +87,12 @@ def render_panel(panel: Mapping[str, Any]) -> bytes:
     for ax in axes:
         ax.set_xticks([])
         ax.set_yticks([])
+    fused_label = "fused score"
+    if decided:
+        fused_label = f"fused score {f_lo:.2f}-{f_hi:.2f} (none below {f_lo:.2f})"
     for cax, im, label in ((branch_cax, branch_im,
                             "branch score (0 = normal median, 1 = normal p99)"),
-                           (fused_cax, fused_im, "fused score" + (" (no colour below "
-                                                                   "the left end)" if decided else ""))):
+                           (fused_cax, fused_im, fused_label)):
         if im is None:
             cax.set_visible(False)
             continue
@@ -98,9 +100,8 @@ def render_panel(panel: Mapping[str, Any]) -> bytes:
         cb.ax.tick_params(labelsize=7, length=2, pad=1)
         cb.set_label(label, fontsize=7, labelpad=1)
         if im is fused_im and decided:
-            ticks = [f_lo, threshold, f_hi] if f_lo < threshold < f_hi else [f_lo, f_hi]
-            cb.set_ticks(ticks, labels=[f"{t:.2f}" + (" thr" if t == threshold else "")
-                                        for t in ticks])
+            # one tick, at the threshold: end labels would collide with the next bar's
+            cb.set_ticks([threshold], labels=[f"threshold {threshold:.2f}"])
             cb.ax.axvline(threshold, color="white", linewidth=1.2)
     fig.text(0.004, 0.03, "dashed white: ground-truth defect   cyan: predicted defect mask   "
              "depth: black = invalid or background", fontsize=7.5, color="#555555")
