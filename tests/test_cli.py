@@ -64,6 +64,8 @@ def test_evaluate_json_and_official_maps(model_dir, tiny_root, tmp_path):
     for k in ("category", "n_test", "I-AUROC", "P-AUROC", "AUPRO@30%", "AUPRO@10%",
               "AUPRO@5%", "AUPRO@1%"):
         assert k in res
+    dec = res["decision"]  # the stored threshold on the test split
+    assert dec["n_good"] + dec["n_defective"] == res["n_test"] and 0 <= dec["fpr"] <= 1
     tiffs = sorted((tmp_path / "maps" / cat / "test").glob("*/*.tiff"))
     assert len(tiffs) == res["n_test"]
     rgb = next((tiny_root / cat / "test").glob("*/rgb/000.png"))

@@ -312,7 +312,8 @@ def test_a_format_3_model_still_loads_and_calibrate_upgrades_it(fitted, tmp_path
 
 # ------------------------------------------------------------------ the bench's error rates
 def test_bench_decision_rates_and_table():
-    from cmad.bench import _mean_decision, decision_rates
+    from cmad.bench import _mean_decision
+    from cmad.evaluate import decision_rates
     from cmad.report.tables import decision_table, headline_table, summary_text
 
     d = Decision(threshold=1.0, pixel_threshold=0.5, target_fpr=0.01)

@@ -244,7 +244,7 @@ def run_method(name: str, cd: CategoryData, seed: int, size: int, ext: FeatureEx
                shots: int | None = None, base: DetectorConfig | None = None,
                evaluate: bool = True) -> tuple[dict, Detector, list]:
     """Fit one method on shared features and evaluate it on the test split."""
-    from cmad.evaluate import evaluate_predictions
+    from cmad.evaluate import decision_rates, evaluate_predictions
 
     cfg = method_config(name, seed, size, base)
     det = Detector(cfg, extractor=ext)
@@ -287,32 +287,6 @@ def run_method(name: str, cd: CategoryData, seed: int, size: int, ext: FeatureEx
         "weights": det.weights,
     }
     return row, det, preds
-
-
-def decision_rates(decision: Decision, preds: Sequence, gts: Sequence[np.ndarray]) -> dict:
-    """How the stored decision does on labelled parts (the test split; reported, never used
-    to pick it): the false-positive rate (good parts judged anomalous), the false-negative
-    rate (defective parts judged normal), and pixel rates of the predicted masks."""
-    labels = np.array([int(p.label) for p in preds])
-    flagged = np.array([decision.anomalous(p.score) for p in preds], dtype=bool)
-    good, bad = labels == 0, labels == 1
-    fp_px = tp_px = neg_px = pos_px = 0
-    for p, g in zip(preds, gts):
-        m = decision.mask(p.anomaly_map, p.score)
-        g = np.asarray(g, dtype=bool)
-        fp_px += int((m & ~g).sum())
-        tp_px += int((m & g).sum())
-        neg_px += int((~g).sum())
-        pos_px += int(g.sum())
-    return {
-        "threshold": float(decision.threshold), "target_fpr": decision.target_fpr,
-        "pixel_threshold": float(decision.pixel_threshold),
-        "n_good": int(good.sum()), "n_defective": int(bad.sum()),
-        "fpr": float(flagged[good].mean()) if good.any() else float("nan"),
-        "fnr": float((~flagged[bad]).mean()) if bad.any() else float("nan"),
-        "pixel_fpr": fp_px / neg_px if neg_px else float("nan"),
-        "pixel_tpr": tp_px / pos_px if pos_px else float("nan"),
-    }
 
 
 DECISION_KEYS = ("fpr", "fnr", "pixel_fpr", "pixel_tpr")

@@ -179,7 +179,7 @@ def evaluate(
         _fail(CmadError(f"--resolution must be 'original' or 'working', got {resolution!r}"))
     from cmad.cache import default_cache_dir
     from cmad.data import open_dataset
-    from cmad.evaluate import evaluate_predictions, export_maps
+    from cmad.evaluate import decision_rates, evaluate_predictions, export_maps
     from cmad.pipeline import Detector
 
     try:
@@ -187,6 +187,7 @@ def evaluate(
         test = open_dataset(data).category(category).samples("test")
         preds = det.predict(test, progress=not as_json)
         gts = [s.gt for s in test]
+        rates = decision_rates(det.decision, preds, gts)
         if resolution == "working":
             gts = [p.gt for p in det.prepare(test)]
         ev = evaluate_predictions(category, preds, gts, resolution=resolution)
@@ -195,11 +196,14 @@ def evaluate(
     except (CmadError, OSError) as exc:
         _fail(exc)
     if as_json:
-        _print_json(ev.to_dict())
+        _print_json({**ev.to_dict(), "decision": rates})
     else:
         typer.echo(f"{category}: {ev.n_test} test samples, maps at {resolution} resolution")
         for k, v in ev.metrics.items():
             typer.echo(f"  {k:>10}: {v:.4f}")
+        typer.echo(f"  stored threshold {rates['threshold']:.3f}: {rates['fpr']:.0%} of "
+                   f"{rates['n_good']} good parts flagged, {rates['fnr']:.0%} of "
+                   f"{rates['n_defective']} defective parts missed")
 
 
 def _decision(det, threshold: float | None, fpr: float | None, pixel_fpr: float | None):
