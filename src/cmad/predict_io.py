@@ -123,7 +123,7 @@ def legend_strip(width: int, decision: Decision, score: float) -> np.ndarray:
     lo, hi = colour_range(t)
     cax = fig.add_axes((18 / width, 1 - 60 / height, 0.6, 14 / height))
     cb = Colorbar(cax, cmap=colormaps[OVERLAY_CMAP], norm=Normalize(lo, hi),
-                      orientation="horizontal")
+                  orientation="horizontal")
     ticks = [lo, t, hi] if lo < t < hi else [lo, hi]
     cb.set_ticks(ticks, labels=[f"{v:.2f}" + (" = thr" if v == t else "") for v in ticks])
     cb.ax.tick_params(labelsize=fs - 1.5, length=2, pad=1)
@@ -138,8 +138,10 @@ def legend_strip(width: int, decision: Decision, score: float) -> np.ndarray:
     fig.text(x0 + 20 / width, 1 - 54 / height, "predicted defect", fontsize=fs - 1.5,
              color="#222222", ha="left", va="center")
     canvas.draw()
-    strip = np.asarray(canvas.buffer_rgba())[..., :3]
-    return strip[:height, :width].copy()
+    strip = np.asarray(canvas.buffer_rgba())[:height, :width, :3]
+    out = np.full((height, width, 3), 255, dtype=np.uint8)  # in case Agg rounds a pixel off
+    out[: strip.shape[0], : strip.shape[1]] = strip
+    return out
 
 
 def is_predict_output(folder: Path) -> bool:
