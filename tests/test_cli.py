@@ -64,6 +64,8 @@ def test_evaluate_json_and_official_maps(model_dir, tiny_root, tmp_path):
     for k in ("category", "n_test", "I-AUROC", "P-AUROC", "AUPRO@30%", "AUPRO@10%",
               "AUPRO@5%", "AUPRO@1%"):
         assert k in res
+    dec = res["decision"]  # the stored threshold on the test split
+    assert dec["n_good"] + dec["n_defective"] == res["n_test"] and 0 <= dec["fpr"] <= 1
     tiffs = sorted((tmp_path / "maps" / cat / "test").glob("*/*.tiff"))
     assert len(tiffs) == res["n_test"]
     rgb = next((tiny_root / cat / "test").glob("*/rgb/000.png"))
@@ -123,9 +125,14 @@ def test_bench_on_mvtec_shaped_fixture(mvtec_like_root, tmp_path):
                   "bank_bytes", "peak_rss_mb"):
             assert k in row
         assert row["model_bytes"] > 0
+        # the stored threshold's error rates on the test split
+        dec = row["decision"]["tire_like"]
+        assert 0 <= dec["fpr"] <= 1 and 0 <= dec["fnr"] <= 1 and dec["target_fpr"] == 0.01
+        assert set(row["decision_mean"]) >= {"fpr", "fnr"}
     assert 0 < res["methods"]["cmad"]["bank_bytes"] < res["methods"]["cmad"]["model_bytes"]
     assert (out / "index.html").exists()
     assert (out / "tables" / "i-auroc.md").exists()
+    assert (out / "tables" / "decision.csv").exists()
     # each run writes a new folder: a second run into the same one is refused
     r2 = _run("bench", "--data", mvtec_like_root, "--out", out, "--resolution", 64, "--quiet")
     assert r2.exit_code == 2

@@ -81,7 +81,7 @@ def test_predict_matches_cmad_predict(server, model, tmp_path):
     det = Detector.load(m)
     d = cat_dir / "test" / "cut"
     samples = collect_inputs(d / "rgb" / "000.png", d / "xyz" / "000.tiff", None, det.modalities)
-    out = write_outputs(tmp_path / "out", samples, det.predict(samples), det.threshold)
+    out = write_outputs(tmp_path / "out", samples, det.predict(samples), det.decision)
     row = json.loads((out / "scores.json").read_text())["samples"][0]
     rgb, xyz = _files(cat_dir)
     status, ans = _request(server, "POST", "/predict?map=tiff",
@@ -90,6 +90,9 @@ def test_predict_matches_cmad_predict(server, model, tmp_path):
     assert ans["score"] == row["score"] and ans["anomalous"] == row["anomalous"]
     assert ans["threshold"] == det.threshold
     assert base64.b64decode(ans["map"]["base64"]) == (out / "maps" / "000.tiff").read_bytes()
+    # the same predicted defect mask and area as predict writes
+    assert base64.b64decode(ans["mask"]["base64"]) == (out / "masks" / "000.png").read_bytes()
+    assert ans["defect_area_px"] == row["defect_area_px"] and ans["verdict"] == row["verdict"]
     # the map as a PNG overlay, asked for by a form field
     status, ans = _request(server, "POST", "/predict",
                            {"rgb": ("000.png", rgb), "xyz": ("000.tiff", xyz), "map": "png"})

@@ -32,6 +32,7 @@ from cmad.model.branches import branch_class
 from cmad.model.calibrate import calibration_set
 from cmad.model.config import DetectorConfig
 from cmad.model.core import active_branches, feature_needs
+from cmad.model.decision import Decision
 from cmad.pipeline import Detector
 from cmad.runtime import set_threads
 from cmad.types import Prepared
@@ -243,7 +244,7 @@ def run_method(name: str, cd: CategoryData, seed: int, size: int, ext: FeatureEx
                shots: int | None = None, base: DetectorConfig | None = None,
                evaluate: bool = True) -> tuple[dict, Detector, list]:
     """Fit one method on shared features and evaluate it on the test split."""
-    from cmad.evaluate import evaluate_predictions
+    from cmad.evaluate import decision_rates, evaluate_predictions
 
     cfg = method_config(name, seed, size, base)
     det = Detector(cfg, extractor=ext)
@@ -270,6 +271,7 @@ def run_method(name: str, cd: CategoryData, seed: int, size: int, ext: FeatureEx
         disk = sum(f.stat().st_size for f in (Path(tmp) / "model").iterdir())
     ev = evaluate_predictions(cd.name, preds, cd.gts) if evaluate else None
     row = {
+        "decision": decision_rates(det.decision, preds, cd.gts),
         "category": cd.name,
         "metrics": None if ev is None else ev.metrics,
         "per_defect": None if ev is None else ev.per_defect,
@@ -285,6 +287,18 @@ def run_method(name: str, cd: CategoryData, seed: int, size: int, ext: FeatureEx
         "weights": det.weights,
     }
     return row, det, preds
+
+
+DECISION_KEYS = ("fpr", "fnr", "pixel_fpr", "pixel_tpr")
+
+
+def _mean_decision(rows: dict[str, dict]) -> dict:
+    """Mean of the decision rates over the categories that have them."""
+    out = {}
+    for k in DECISION_KEYS:
+        vals = [r[k] for r in rows.values() if r and r.get(k) is not None and np.isfinite(r[k])]
+        out[k] = float(np.mean(vals)) if vals else float("nan")
+    return out
 
 
 def _mean(rows: list[dict]) -> dict:
@@ -306,7 +320,7 @@ def _panel_indices(test: Sequence[Prepared], per_type: int = 2) -> list[int]:
     return idx
 
 
-def _panels(cd: CategoryData, idx: list[int], preds: list) -> list[dict]:
+def _panels(cd: CategoryData, idx: list[int], preds: list, decision: Decision) -> list[dict]:
     out = []
     for i, pr in zip(idx, preds):
         p = cd.test[i]
@@ -317,7 +331,8 @@ def _panels(cd: CategoryData, idx: list[int], preds: list) -> list[dict]:
         maps["fused"] = pr.anomaly_map_work
         depth = p.xyz[..., 2] if p.xyz is not None else np.zeros(p.gt.shape, np.float32)
         out.append({"category": cd.name, "defect_type": p.defect_type, "stem": p.stem,
-                    "score": pr.score, "label": p.label,
+                    "score": pr.score, "label": p.label, "threshold": decision.threshold,
+                    "pixel_threshold": decision.pixel_threshold,
                     "rgb": p.rgb if p.rgb is not None else np.zeros(p.gt.shape + (3,), np.uint8),
                     "depth": depth, "gt": p.gt, "maps": maps})
     return out
@@ -346,7 +361,7 @@ def bench_category(data: Path, category: str, size: int, seed: int, cache_dir: P
                 idx = _panel_indices(cd.test, panels_per_type)
                 preds, _ = det.predict_features(cd.test_fm.select(idx), [cd.test[i] for i in idx],
                                                 branch_maps=True)
-                out["panels"].extend(_panels(cd, idx, preds))
+                out["panels"].extend(_panels(cd, idx, preds, det.decision))
         if tick is not None:
             tick(c, m)
     for k in shots:
@@ -444,6 +459,7 @@ def run_bench(
                 continue
             res["categories"][c] = row["metrics"]
             res["per_defect"][c] = row["per_defect"]
+            res.setdefault("decision", {})[c] = row["decision"]
             per_method_eff[m].append(row)
         panels.extend(got["panels"])
         for k, by_method in got["shots"].items():
@@ -454,6 +470,8 @@ def run_bench(
         res = results["methods"][m]
         rows = per_method_eff[m]
         res["mean"] = _mean(list(res["categories"].values()))
+        if res.get("decision"):
+            res["decision_mean"] = _mean_decision(res["decision"])
         if not rows:
             continue
         stages = sorted({k for r in rows for k in r["stages_ms"]})

@@ -156,6 +156,10 @@ def fit(
     typer.echo(f"fitted {category} on {r.n_train} train / {r.n_val} validation samples in "
                f"{r.fit_s:.1f} s; weights: {weights}; bank entries {r.bank_entries}; "
                f"model {det.model_bytes / 1e6:.2f} MB -> {out}")
+    d = det.decision
+    typer.echo(f"threshold {d.threshold:.3f} for a {100 * d.target_fpr:.3g}% false-positive rate "
+               f"(from {d.n_normals} validation normals, highest {d.normal_max:.3f}); pixel "
+               f"threshold {d.pixel_threshold:.3f}")
 
 
 @app.command()
@@ -175,7 +179,7 @@ def evaluate(
         _fail(CmadError(f"--resolution must be 'original' or 'working', got {resolution!r}"))
     from cmad.cache import default_cache_dir
     from cmad.data import open_dataset
-    from cmad.evaluate import evaluate_predictions, export_maps
+    from cmad.evaluate import decision_rates, evaluate_predictions, export_maps
     from cmad.pipeline import Detector
 
     try:
@@ -183,6 +187,7 @@ def evaluate(
         test = open_dataset(data).category(category).samples("test")
         preds = det.predict(test, progress=not as_json)
         gts = [s.gt for s in test]
+        rates = decision_rates(det.decision, preds, gts)
         if resolution == "working":
             gts = [p.gt for p in det.prepare(test)]
         ev = evaluate_predictions(category, preds, gts, resolution=resolution)
@@ -191,17 +196,34 @@ def evaluate(
     except (CmadError, OSError) as exc:
         _fail(exc)
     if as_json:
-        _print_json(ev.to_dict())
+        _print_json({**ev.to_dict(), "decision": rates})
     else:
         typer.echo(f"{category}: {ev.n_test} test samples, maps at {resolution} resolution")
         for k, v in ev.metrics.items():
             typer.echo(f"  {k:>10}: {v:.4f}")
+        typer.echo(f"  stored threshold {rates['threshold']:.3f}: {rates['fpr']:.0%} of "
+                   f"{rates['n_good']} good parts flagged, {rates['fnr']:.0%} of "
+                   f"{rates['n_defective']} defective parts missed")
+
+
+def _decision(det, threshold: float | None, fpr: float | None, pixel_fpr: float | None):
+    """The model's stored decision with the command line's overrides."""
+    if threshold is not None and fpr is not None:
+        raise CmadError("--threshold and --fpr: give one of them, not both")
+    d = det.decision
+    if pixel_fpr is not None:
+        d = d.with_pixel_fpr(pixel_fpr)
+    if fpr is not None:
+        d = d.with_fpr(fpr)
+    if threshold is not None:
+        d = d.with_threshold(threshold)
+    return d
 
 
 @app.command()
 def predict(
-    model: Path = typer.Option(..., "--model"),
-    out: Path = typer.Option(..., "--out"),
+    model: Path = typer.Option(..., "--model", help="model folder written by `cmad fit`"),
+    out: Path = typer.Option(..., "--out", help="output folder (replaced whole if it exists)"),
     rgb: Path | None = typer.Option(None, "--rgb", help="one RGB PNG"),
     xyz: Path | None = typer.Option(None, "--xyz", help="its organized point cloud TIFF"),
     input_dir: Path | None = typer.Option(
@@ -210,10 +232,20 @@ def predict(
     address: str | None = typer.Option(
         None, "--address", help="Ray cluster to join (auto or HOST:PORT; default: a local one)"),
     workers: int | None = typer.Option(None, "--workers", help="Ray actors (default: CPUs / threads)"),
-    threads: int = typer.Option(2, "--threads"),
-    quiet: bool = typer.Option(False, "--quiet"),
+    threshold: float | None = typer.Option(
+        None, "--threshold", help="image-score threshold: a score above it is anomalous "
+        "(default: the model's stored threshold)"),
+    fpr: float | None = typer.Option(
+        None, "--fpr", help="target false-positive rate, e.g. 0.05 = 5% of normal parts "
+        "flagged; the threshold comes from the model's stored normal-score distribution"),
+    pixel_fpr: float | None = typer.Option(
+        None, "--pixel-fpr", help="target rate of normal pixels inside the predicted defect "
+        "masks (default: the model's, 0.005)"),
+    threads: int = typer.Option(2, "--threads", help="CPU threads"),
+    quiet: bool = typer.Option(False, "--quiet", help="no progress or log lines"),
 ) -> None:
-    """Score new samples; write anomaly maps (TIFF), overlays (PNG) and scores.json."""
+    """Score new samples; write anomaly maps (TIFF), defect masks and overlays (PNG) and
+    scores.json (score, verdict, threshold, defect area per sample)."""
     _setup(quiet, threads)
     from cmad.executor import check_executor
     from cmad.pipeline import Detector
@@ -224,6 +256,7 @@ def predict(
         if workers is not None and workers < 1:
             raise CmadError(f"--workers must be a positive integer, got {workers}")
         det = Detector.load(model)
+        decision = _decision(det, threshold, fpr, pixel_fpr)
         if executor == "ray":
             files = input_files(rgb=rgb, xyz=xyz, input_dir=input_dir, modalities=det.modalities)
             samples, preds = predict_distributed(model, files, det.config.batch_size, threads=threads,
@@ -231,13 +264,15 @@ def predict(
         else:
             samples = collect_inputs(rgb=rgb, xyz=xyz, input_dir=input_dir, modalities=det.modalities)
             preds = det.predict(samples, progress=not quiet)
-        path = write_outputs(out, samples, preds, threshold=det.threshold)
+        path = write_outputs(out, samples, preds, decision)
     except (CmadError, OSError) as exc:
         _fail(exc)
     for s, p in zip(samples, preds):
-        d = decide(p, det.threshold)
+        d = decide(p, decision)
         flag = "ANOMALOUS" if d.anomalous else "normal"
-        typer.echo(f"{s.stem}: score {d.score:.3f} ({flag}, threshold {d.threshold:.3f})")
+        area = int(d.mask.sum())
+        typer.echo(f"{s.stem}: score {d.score:.3f} ({flag}, threshold {d.threshold:.3f}"
+                   + (f", defect area {area} px" if area else "") + ")")
     typer.echo(f"wrote {path}")
 
 
@@ -275,6 +310,69 @@ def serve(
         pass
     finally:
         server.server_close()
+
+
+@app.command()
+def calibrate(
+    model: Path = typer.Option(..., "--model", help="model folder written by `cmad fit`"),
+    data: Path = typer.Option(
+        ..., "--data", help="normal parts the model was not trained on: a folder with rgb/ "
+        "and xyz/ subfolders (every sample taken as normal), or a dataset root, whose "
+        "validation/good samples are used"),
+    category: str | None = typer.Option(
+        None, "--category", help="the category of a dataset root (default: its only one)"),
+    fpr: float | None = typer.Option(
+        None, "--fpr", help="target false-positive rate (default: the model's, e.g. 0.01)"),
+    pixel_fpr: float | None = typer.Option(
+        None, "--pixel-fpr", help="target rate of normal pixels in the predicted masks "
+        "(default: the model's)"),
+    out: Path | None = typer.Option(
+        None, "--out", help="write the re-calibrated model here (default: replace --model)"),
+    threads: int = typer.Option(2, "--threads", help="CPU threads"),
+    quiet: bool = typer.Option(False, "--quiet", help="no progress or log lines"),
+) -> None:
+    """Re-pick the image and pixel thresholds on your own normal parts, without refitting."""
+    _setup(quiet, threads)
+    from cmad.pipeline import Detector, check_model_dir
+
+    try:
+        det = Detector.load(model)
+        if out is not None:
+            check_model_dir(out)
+        normals = _normal_parts(data, category, det.modalities)
+        old = det.decision
+        new = det.calibrate(normals, fpr=fpr, pixel_fpr=pixel_fpr, progress=not quiet,
+                            source=f"calibrate: {data}")
+        path = det.save(out if out is not None else model)
+    except (CmadError, OSError) as exc:
+        _fail(exc)
+    typer.echo(f"calibrated on {new.n_normals} normal parts (highest score {new.normal_max:.3f}): "
+               f"threshold {old.threshold:.3f} -> {new.threshold:.3f} for a "
+               f"{100 * new.target_fpr:.3g}% false-positive rate; pixel threshold "
+               f"{old.pixel_threshold:.3f} -> {new.pixel_threshold:.3f} -> {path}")
+
+
+def _normal_parts(data: Path, category: str | None, modalities: list[str]) -> list:
+    """Normal samples for `calibrate`: a predict-style folder, or a dataset's validation/good."""
+    from cmad.data import open_dataset
+    from cmad.errors import DataError
+    from cmad.predict_io import collect_inputs
+
+    if (data / "rgb").is_dir() or (data / "xyz").is_dir():
+        return collect_inputs(rgb=None, xyz=None, input_dir=data, modalities=modalities)
+    if not data.is_dir():
+        raise DataError(data, "not a folder")
+    ds = open_dataset(data)
+    cats = ds.categories
+    if category is None:
+        if len(cats) != 1:
+            raise CmadError(f"--category: {data} holds {len(cats)} categories ({', '.join(cats)}); "
+                            "name one")
+        category = cats[0]
+    samples = [s for s in ds.category(category).samples("validation") if s.label == 0]
+    if not samples:
+        raise DataError(data / category / "validation", "no normal validation samples")
+    return samples
 
 
 @app.command()

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from cmad.metrics import compute_metrics, write_anomaly_maps
+from cmad.model.decision import Decision
 from cmad.types import Prediction
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,33 @@ def evaluate_predictions(
                                   [maps[i] for i in idx])
             out.per_defect[t] = sub
     return out
+
+
+def decision_rates(decision: Decision, preds: Sequence[Prediction],
+                   gts: Sequence[np.ndarray]) -> dict:
+    """How the stored decision does on labelled parts (the test split; reported, never used
+    to pick it): the false-positive rate (good parts judged anomalous), the false-negative
+    rate (defective parts judged normal), and pixel rates of the predicted masks."""
+    labels = np.array([int(p.label) for p in preds])
+    flagged = np.array([decision.anomalous(p.score) for p in preds], dtype=bool)
+    good, bad = labels == 0, labels == 1
+    fp_px = tp_px = neg_px = pos_px = 0
+    for p, g in zip(preds, gts):
+        m = decision.mask(p.anomaly_map, p.score)
+        g = np.asarray(g, dtype=bool)
+        fp_px += int((m & ~g).sum())
+        tp_px += int((m & g).sum())
+        neg_px += int((~g).sum())
+        pos_px += int(g.sum())
+    return {
+        "threshold": float(decision.threshold), "target_fpr": decision.target_fpr,
+        "pixel_threshold": float(decision.pixel_threshold),
+        "n_good": int(good.sum()), "n_defective": int(bad.sum()),
+        "fpr": float(flagged[good].mean()) if good.any() else float("nan"),
+        "fnr": float((~flagged[bad]).mean()) if bad.any() else float("nan"),
+        "pixel_fpr": fp_px / neg_px if neg_px else float("nan"),
+        "pixel_tpr": tp_px / pos_px if pos_px else float("nan"),
+    }
 
 
 def export_maps(out_dir: Path, category: str, preds: Sequence[Prediction]) -> list[Path]:

@@ -36,11 +36,15 @@ from cmad.features import FeatureExtractor, FeatureMaps
 from cmad.model.calibrate import calibration_set
 from cmad.model.config import DetectorConfig
 from cmad.model.core import DetectorCore, FitReport, feature_needs
+from cmad.model.decision import Decision
 from cmad.types import Prediction, Prepared, Sample
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
+# format 3 (no stored decision: the threshold was the highest validation normal score) still
+# loads; saving it again writes format 4
+READ_VERSIONS = (3, 4)
 CONFIG_NAME = "config.json"
 
 
@@ -106,7 +110,13 @@ class Detector:
 
     @property
     def threshold(self) -> float:
+        """The image-score threshold of the stored decision (score above it: anomalous)."""
         return self.core.threshold
+
+    @property
+    def decision(self) -> Decision:
+        """The stored pass/fail rule: image and pixel thresholds and their target rates."""
+        return self.core.decision
 
     @property
     def weights(self) -> dict[str, float]:
@@ -266,6 +276,40 @@ class Detector:
         """Score samples at their original resolution (maps at original size)."""
         return self.predict_timed(samples, progress, branch_maps)[0]
 
+    def calibrate(self, normals: Sequence[Sample], fpr: float | None = None,
+                  pixel_fpr: float | None = None, progress: bool = False,
+                  source: str = "calibrate") -> Decision:
+        """Re-pick both thresholds on normal parts the model has not been trained on (no
+        refit: branches, normalisation and weights stay). `fpr` / `pixel_fpr` default to
+        the model's current targets (the config's where it has none). Returns the new
+        decision, which `save` then stores."""
+        if not self.core.branches:
+            raise RuntimeError("the detector has not been fitted or loaded")
+        old = self.core.decision
+        fpr = fpr if fpr is not None else (old.target_fpr or self.config.fpr)
+        pixel_fpr = pixel_fpr if pixel_fpr is not None else (old.pixel_target_fpr
+                                                             or self.config.pixel_fpr)
+        if not normals:
+            raise ConfigError("no normal parts to calibrate the thresholds on")
+        self._check_modalities(normals)
+        scores, maps, areas = [], [], []
+        bs = self.config.batch_size
+        with tqdm(total=len(normals), desc="calibrate", unit="sample", leave=False,
+                  disable=not progress) as bar:
+            for s in range(0, len(normals), bs):
+                prep = self.prepare(normals[s : s + bs])
+                fm, _ = self.extractor.extract(prep)
+                area = pixel_area(prep)
+                res = self.core.score(fm, area, branch_maps=False)
+                scores.append(res.scores)
+                maps.append(res.maps)
+                areas.append(area)
+                bar.update(len(prep))
+        self.core.decision = Decision.from_normals(
+            np.concatenate(scores), np.concatenate(maps), np.concatenate(areas), fpr=fpr,
+            pixel_fpr=pixel_fpr, source=source)
+        return self.core.decision
+
     def _check_modalities(self, samples: Sequence[Sample]) -> None:
         for smp in samples:
             have = modalities_of_sample(smp)
@@ -315,10 +359,11 @@ class Detector:
         if not isinstance(meta, dict):
             raise ModelFormatError(cfg_path, "model config is not a JSON object")
         version = meta.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READ_VERSIONS:
             raise ModelFormatError(
                 cfg_path, f"model format version {version!r}; this cmad ({__version__}) reads "
-                f"version {FORMAT_VERSION}. Re-fit the model with this version.")
+                f"versions {', '.join(map(str, READ_VERSIONS))}. Re-fit the model with this "
+                "version.")
         name = meta.get("tensors")
         if not isinstance(name, str) or Path(name).name != name:
             raise ModelFormatError(cfg_path, "model config names no tensor file")

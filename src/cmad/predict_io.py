@@ -10,6 +10,7 @@ import numpy as np
 
 from cmad.data.io import atomic_folder, write_bytes_atomic, write_png_atomic, write_tiff_atomic
 from cmad.errors import DataError
+from cmad.model.decision import Decision
 from cmad.types import Prediction, Sample, SamplePaths
 
 
@@ -98,42 +99,124 @@ def predict_distributed(model_dir: Path, files: Sequence[tuple[Path | None, Path
 
 
 @dataclass(frozen=True)
-class Decision:
-    """The verdict on one prediction: what `cmad predict` (scores.json and its printed lines)
-    and `cmad serve` (the /predict answer) both report, from `decide` alone.
+class Verdict:
+    """The verdict on one prediction: what `cmad predict` (scores.json, its printed lines,
+    masks) and `cmad serve` (the /predict answer) both report, from `decide` alone.
 
-    `mask`: a predicted defect mask (bool, original size) where the decision rule makes one;
-    None today. serve returns it when present (PNG, on request), predict can write it.
+    `mask`: the predicted defect mask (bool, original size) from the model's pixel threshold.
     """
 
     score: float
     anomalous: bool
     threshold: float
-    mask: np.ndarray | None = None
+    pixel_threshold: float
+    mask: np.ndarray
 
     def row(self) -> dict:
-        """The JSON fields of this decision (scores.json rows, the /predict answer)."""
-        return {"score": self.score, "anomalous": self.anomalous}
+        """The JSON fields of this verdict (scores.json rows, the /predict answer)."""
+        return {"score": self.score, "verdict": "anomalous" if self.anomalous else "normal",
+                "anomalous": self.anomalous, "threshold": self.threshold,
+                "pixel_threshold": self.pixel_threshold, "defect_area_px": int(self.mask.sum())}
 
 
-def decide(pred: Prediction, threshold: float) -> Decision:
-    """The decision for one prediction against the model's threshold; the one place both
-    `cmad predict` and `cmad serve` get it from (change the rule here, both follow)."""
-    return Decision(score=float(pred.score), anomalous=bool(pred.score > threshold),
-                    threshold=float(threshold))
+def decide(pred: Prediction, decision: Decision) -> Verdict:
+    """The verdict on one prediction under the model's decision rule (image threshold, pixel
+    threshold); the one place `cmad predict` and `cmad serve` get it from."""
+    return Verdict(score=float(pred.score), anomalous=bool(decision.anomalous(pred.score)),
+                   threshold=float(decision.threshold),
+                   pixel_threshold=float(decision.pixel_threshold),
+                   mask=decision.mask(pred.anomaly_map, pred.score))
 
 
-def overlay(rgb: np.ndarray | None, amap: np.ndarray, threshold: float) -> np.ndarray:
-    """RGB image with the anomaly map in a heat colour where it exceeds half the threshold."""
+OUTLINE = (0, 230, 255)   # predicted defect mask outline: cyan, apart from the heat colours
+OVERLAY_CMAP = "inferno"
+MIN_WIDTH = 480            # overlays narrower than this are enlarged (whole pixels) for the text
+
+
+def outline(mask: np.ndarray, width: int = 1) -> np.ndarray:
+    """The boundary pixels of a boolean mask, `width` pixels thick, inside the mask."""
+    from scipy.ndimage import binary_erosion
+
+    mask = np.asarray(mask, dtype=bool)
+    if not mask.any():
+        return mask
+    inner = binary_erosion(mask, iterations=width, border_value=0)
+    return mask & ~inner
+
+
+def overlay_scale(width: int) -> int:
+    """The whole-pixel enlargement factor of an overlay of an image `width` pixels wide."""
+    return max(1, -(-MIN_WIDTH // max(int(width), 1)))
+
+
+def overlay(rgb: np.ndarray | None, amap: np.ndarray, decision: Decision, score: float
+            ) -> np.ndarray:
+    """The image with the map in a perceptual colour scale relative to the threshold (no
+    colour below half of it), the predicted defect mask outlined, and a legend strip under it:
+    verdict, score, threshold and a colour bar in score units. Images narrower than
+    MIN_WIDTH are enlarged by whole pixels first."""
     from matplotlib import colormaps
 
-    lo = 0.5 * threshold if np.isfinite(threshold) else float(np.percentile(amap, 50))
-    hi = max(2.0 * threshold if np.isfinite(threshold) else float(amap.max()), lo + 1e-6)
-    t = np.clip((amap - lo) / (hi - lo), 0.0, 1.0)
-    heat = (colormaps["jet"](t)[..., :3] * 255).astype(np.float32)
+    from cmad.model.decision import heat
+
+    k = overlay_scale(amap.shape[1])
+    up = (lambda a: np.repeat(np.repeat(a, k, axis=0), k, axis=1)) if k > 1 else (lambda a: a)
     base = rgb.astype(np.float32) if rgb is not None else np.full(amap.shape + (3,), 128.0)
-    alpha = (0.6 * (t > 0))[..., None]
-    return np.clip(base * (1 - alpha) + heat * alpha, 0, 255).astype(np.uint8)
+    c, alpha = heat(amap, decision.threshold)
+    col = colormaps[OVERLAY_CMAP](c)[..., :3].astype(np.float32) * 255.0
+    img = base * (1.0 - alpha[..., None]) + col * alpha[..., None]
+    img = up(np.clip(np.rint(img), 0, 255).astype(np.uint8))
+    edge = outline(up(decision.mask(amap, score)), width=max(1, k // 2 + 1))
+    img[edge] = OUTLINE
+    return np.concatenate([img, legend_strip(img.shape[1], decision, score)], axis=0)
+
+
+def legend_strip(width: int, decision: Decision, score: float) -> np.ndarray:
+    """(h, width, 3) uint8: the verdict, score and threshold, and the colour bar."""
+    from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colorbar import Colorbar
+    from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
+    from cmad.model.decision import colour_range
+
+    dpi, height = 100, 96
+    fig = Figure(figsize=(width / dpi, height / dpi), dpi=dpi, facecolor="white")
+    canvas = FigureCanvasAgg(fig)
+    t = decision.threshold
+    bad = decision.anomalous(score)
+    verdict = "ANOMALOUS" if bad else "normal"
+    rate = (f" ({100 * decision.target_fpr:.3g}% of normal parts above it)"
+            if decision.target_fpr is not None else f" ({decision.rule})")
+    fs = 10 if width >= 560 else 8.5
+    fig.text(6 / width, 1 - 6 / height, verdict, fontsize=fs + 2, fontweight="bold",
+             color="#c62828" if bad else "#2e7d32", ha="left", va="top")
+    fig.text(6 / width, 1 - 26 / height, f"score {score:.3f}   threshold {t:.3f}{rate}",
+             fontsize=fs, color="#222222", ha="left", va="top")
+    lo, hi = colour_range(t)
+    cax = fig.add_axes((18 / width, 1 - 60 / height, 0.6, 14 / height))
+    cb = Colorbar(cax, cmap=colormaps[OVERLAY_CMAP], norm=Normalize(lo, hi),
+                  orientation="horizontal")
+    ticks = [lo, t, hi] if lo < t < hi else [lo, hi]
+    cb.set_ticks(ticks, labels=[f"{v:.2f}" + (" = thr" if v == t else "") for v in ticks])
+    cb.ax.tick_params(labelsize=fs - 1.5, length=2, pad=1)
+    if lo < t < hi:
+        cb.ax.axvline(t, color="white", linewidth=1.5)
+    fig.text(6 / width, 2 / height, "anomaly score (no colour below the left end)",
+             fontsize=fs - 2, color="#555555", ha="left", va="bottom")
+    x0 = 0.66 + 6 / width
+    fig.patches.append(Rectangle((x0, 1 - 60 / height), 14 / width, 12 / height,
+                                 transform=fig.transFigure, fill=False,
+                                 edgecolor=np.array(OUTLINE) / 255.0, linewidth=2))
+    fig.text(x0 + 20 / width, 1 - 54 / height, "predicted defect", fontsize=fs - 1.5,
+             color="#222222", ha="left", va="center")
+    canvas.draw()
+    strip = np.asarray(canvas.buffer_rgba())[:height, :width, :3]
+    out = np.full((height, width, 3), 255, dtype=np.uint8)  # in case Agg rounds a pixel off
+    out[: strip.shape[0], : strip.shape[1]] = strip
+    return out
 
 
 def is_predict_output(folder: Path) -> bool:
@@ -143,18 +226,27 @@ def is_predict_output(folder: Path) -> bool:
 
 
 def write_outputs(out: Path, samples: Sequence[Sample], preds: Sequence[Prediction],
-                  threshold: float) -> Path:
-    """maps/<stem>.tiff (float32, original size), overlays/<stem>.png, scores.json; the
-    folder is built whole, then put in place (an earlier output there is replaced)."""
+                  decision: Decision) -> Path:
+    """maps/<stem>.tiff (float32, original size), masks/<stem>.png (the predicted defect,
+    original size, 255 = defect), overlays/<stem>.png and scores.json; the folder is built
+    whole, then put in place (an earlier output there is replaced)."""
     out = Path(out)
     rows = []
     with atomic_folder(out, is_predict_output) as tmp:
         for s, p in zip(samples, preds):
+            v = decide(p, decision)
+            mask = v.mask
             write_tiff_atomic(tmp / "maps" / f"{s.stem}.tiff", p.anomaly_map.astype(np.float32))
-            write_png_atomic(tmp / "overlays" / f"{s.stem}.png", overlay(s.rgb, p.anomaly_map, threshold))
-            rows.append({"stem": s.stem, **decide(p, threshold).row(),
+            write_png_atomic(tmp / "masks" / f"{s.stem}.png", mask.astype(np.uint8) * 255)
+            write_png_atomic(tmp / "overlays" / f"{s.stem}.png",
+                             overlay(s.rgb, p.anomaly_map, decision, p.score))
+            rows.append({"stem": s.stem, **v.row(),
+                         "map": f"maps/{s.stem}.tiff", "mask": f"masks/{s.stem}.png",
+                         "overlay": f"overlays/{s.stem}.png",
                          "rgb": str(s.paths.rgb) if s.paths.rgb else None,
                          "xyz": str(s.paths.xyz) if s.paths.xyz else None})
         write_bytes_atomic(tmp / "scores.json", json.dumps(
-            {"threshold": threshold, "samples": rows}, indent=2).encode())
+            {"threshold": decision.threshold, "pixel_threshold": decision.pixel_threshold,
+             "decision": {k: v for k, v in decision.to_dict().items() if k != "pixel_table"},
+             "samples": rows}, indent=2).encode())
     return out

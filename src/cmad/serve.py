@@ -213,15 +213,16 @@ class ModelService:
         with self._lock:
             pred = self.detector.predict([sample], branch_maps=False)[0]
         infer_ms = (time.perf_counter() - t) * 1000.0
-        d = decide(pred, self.detector.threshold)
-        out = {"stem": stem, **d.row(), "threshold": d.threshold, "infer_ms": round(infer_ms, 2)}
+        decision = self.detector.decision
+        d = decide(pred, decision)
+        out = {"stem": stem, **d.row(), "infer_ms": round(infer_ms, 2)}
         if map_format == "tiff":
             out["map"] = _b64("tiff", pred.anomaly_map.shape, tiff_bytes(pred.anomaly_map.astype(np.float32)))
         elif map_format == "png":
             out["map"] = _b64("png", pred.anomaly_map.shape,
-                              png_bytes(overlay(sample.rgb, pred.anomaly_map, d.threshold)))
-        if d.mask is not None and map_format != "none":  # hook: a predicted defect mask
-            out["mask"] = _b64("png", d.mask.shape, png_bytes(d.mask))
+                              png_bytes(overlay(sample.rgb, pred.anomaly_map, decision, pred.score)))
+        if map_format != "none":  # the predicted defect mask, as predict writes it
+            out["mask"] = _b64("png", d.mask.shape, png_bytes(d.mask.astype(np.uint8) * 255))
         with self._count:
             self.served += 1
         return out

@@ -52,6 +52,10 @@ class DetectorConfig:
     seed: int = 0
     calib_per_sample: int = 2
     batch_size: int = 8
+    # target false-positive rates of the stored decision (cmad.model.decision): of normal
+    # parts judged anomalous, and of normal pixels inside the predicted defect mask
+    fpr: float = 0.01
+    pixel_fpr: float = 0.005
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     rgb: RGBConfig = field(default_factory=RGBConfig)
     xyz: FPFHConfig = field(default_factory=FPFHConfig)
@@ -102,6 +106,10 @@ class DetectorConfig:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.seed < 0:
             raise ConfigError(f"seed must be >= 0, got {self.seed}")
+        for name in ("fpr", "pixel_fpr"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int | float) or not 0.0 < v <= 0.5:
+                raise ConfigError(f"{name} must be a rate in (0, 0.5] (0.01 = 1%), got {v!r}")
         for name, parts, allowed in (("align_app", self.align_app, ("rgb", "colour")),
                                      ("align_geo", self.align_geo, ("xyz", "context", "geom"))):
             if not parts or set(parts) - set(allowed):

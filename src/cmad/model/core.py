@@ -19,6 +19,7 @@ from cmad.features import FeatureMaps, pool_cells
 from cmad.model.branch import Branch
 from cmad.model.branches import REGISTRY, branch_class
 from cmad.model.config import DetectorConfig
+from cmad.model.decision import Decision
 from cmad.model.fusion import choose_weights, combine, image_scores, normalise, robust_stats, upsample
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ class Scored:
 
 
 class DetectorCore:
-    """Branches + per-branch normalisation + fusion weights + image-score threshold."""
+    """Branches + per-branch normalisation + fusion weights + the pass/fail `Decision`."""
 
     def __init__(self, config: DetectorConfig) -> None:
         self.config = config
@@ -83,7 +84,12 @@ class DetectorCore:
         self.branches: list[Branch] = []
         self.norm: dict[str, tuple[float, float]] = {}
         self.weights: dict[str, float] = {}
-        self.threshold: float = float("inf")
+        self.decision: Decision = Decision(threshold=float("inf"), pixel_threshold=float("inf"))
+
+    @property
+    def threshold(self) -> float:
+        """The image-score threshold: a score above it is anomalous."""
+        return self.decision.threshold
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -147,7 +153,10 @@ class DetectorCore:
         report.weights = dict(self.weights)
         fused = combine({n: m[normal] for n, m in maps.items()}, self.weights)
         pix = upsample(fused, cfg.size, cfg.sigma)
-        self.threshold = float(image_scores(pix, area[normal.numpy()], cfg.score_mode, cfg.topk).max())
+        a_norm = area[normal.numpy()]
+        self.decision = Decision.from_normals(
+            image_scores(pix, a_norm, cfg.score_mode, cfg.topk), pix, a_norm,
+            fpr=cfg.fpr, pixel_fpr=cfg.pixel_fpr)
         report.bank_entries = {b.name: b.bank_entries for b in self.branches if b.bank_entries}
         return report
 
@@ -192,7 +201,7 @@ class DetectorCore:
     def meta(self) -> dict[str, Any]:
         return {"modalities": self.modalities, "branches": list(self.names),
                 "norm": {n: list(v) for n, v in self.norm.items()}, "weights": self.weights,
-                "threshold": self.threshold,
+                "threshold": self.threshold, "decision": self.decision.to_dict(),
                 "branch_meta": {b.name: b.meta() for b in self.branches}}
 
     @classmethod
@@ -208,7 +217,8 @@ class DetectorCore:
         core.branches = [REGISTRY[n](config) for n in names]
         core.norm = {n: (float(meta["norm"][n][0]), float(meta["norm"][n][1])) for n in names}
         core.weights = {n: float(meta["weights"][n]) for n in names}
-        core.threshold = float(meta["threshold"])
+        core.decision = (Decision.from_dict(meta["decision"]) if "decision" in meta
+                         else Decision.legacy(float(meta["threshold"])))
         for b in core.branches:
             own = {k[len(b.name) + 1:]: v for k, v in tensors.items() if k.startswith(f"{b.name}.")}
             b.load_state_dict(own, meta["branch_meta"].get(b.name, {}))

@@ -29,6 +29,7 @@ from cmad.report.tables import (
     METRICS,
     Table,
     as_float,
+    decision_table,
     efficiency_table,
     few_shot_table,
     headline_table,
@@ -68,9 +69,10 @@ def write_report(out_dir: Path, results: dict, panels: list[dict], *,
     per_defect = per_defect_tables(results)
     few_shot = few_shot_table(results)
     headline = headline_table(results)
+    decision = decision_table(results)
     files: list[tuple[str, str]] = [("results.json", "all numbers, for scripts"),
                                     ("tables.md", "every table in one markdown file")]
-    for t in [*metric_tables, efficiency]:
+    for t in [*metric_tables, efficiency, *([decision] if decision else [])]:
         _write_table(out / "tables", t)
         files.append((f"tables/{t.slug}.csv", f"{t.title} as CSV"))
     if per_defect:
@@ -83,7 +85,7 @@ def write_report(out_dir: Path, results: dict, panels: list[dict], *,
         _write_text(out / "tables" / "few_shot.csv", few_shot.to_csv())
         files.append(("tables/few_shot.csv", "few-shot results as CSV"))
     _write_text(out / "tables.md", _all_tables_md(results, headline, metric_tables, efficiency,
-                                                  per_defect, few_shot))
+                                                  per_defect, few_shot, decision))
 
     charts: list[tuple[str, str]] = []
     for metric, name in BAR_CHARTS:
@@ -110,7 +112,8 @@ def write_report(out_dir: Path, results: dict, panels: list[dict], *,
                                src=f"figures/{name}"))
 
     index = out / "index.html"
-    _write_text(index, render_index(results, headline=headline, metric_tables=metric_tables,
+    accuracy = [*metric_tables, *([decision] if decision else [])]
+    _write_text(index, render_index(results, headline=headline, metric_tables=accuracy,
                                     efficiency=efficiency, per_defect=per_defect,
                                     few_shot=few_shot, charts=charts, panels=links,
                                     files=files))
@@ -119,7 +122,8 @@ def write_report(out_dir: Path, results: dict, panels: list[dict], *,
 
 
 def _all_tables_md(results: Mapping[str, Any], headline: Table, metric_tables: Sequence[Table],
-                   efficiency: Table, per_defect: Sequence[Table], few_shot: Table | None) -> str:
+                   efficiency: Table, per_defect: Sequence[Table], few_shot: Table | None,
+                   decision: Table | None = None) -> str:
     parts = ["# cmad bench tables", ""]
     if results.get("created"):
         parts.append(f"Run {results['created']}" + (f": `{results['command']}`"
@@ -127,6 +131,7 @@ def _all_tables_md(results: Mapping[str, Any], headline: Table, metric_tables: S
         parts.append("")
     parts += ["## Summary", "", headline.to_markdown(level=3),
               "## Accuracy", "", *(t.to_markdown(level=3) for t in metric_tables),
+              *(["## Decision", "", decision.to_markdown(level=3)] if decision else []),
               "## Efficiency", "", efficiency.to_markdown(level=3)]
     if per_defect:
         parts += ["## Per defect type", "", *(t.to_markdown(level=3) for t in per_defect)]

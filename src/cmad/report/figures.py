@@ -21,6 +21,7 @@ from matplotlib.colors import Colormap, Normalize
 from matplotlib.figure import Figure
 
 from cmad.data.io import write_bytes_atomic
+from cmad.model.decision import colour_range, heat
 from cmad.report.tables import as_float, categories_of, fmt_metric, methods_of, shot_counts
 
 logger = logging.getLogger(__name__)
@@ -30,7 +31,8 @@ BRANCHES: tuple[tuple[str, str], ...] = (("cross-modal", "Cross-modal"),
 FUSED = ("fused", "Fused")
 MAP_CMAP = "inferno"
 DEPTH_CMAP = "viridis"
-GT_COLOUR = "#38e0ff"
+GT_COLOUR = "#ffffff"      # ground-truth outline (dashed)
+MASK_COLOUR = "#00e6ff"    # predicted defect mask outline, as in `cmad predict` overlays
 DPI = 100
 
 
@@ -71,29 +73,81 @@ def render_panel(panel: Mapping[str, Any]) -> bytes:
         im = _show_map(ax, arr, title, b_lo, b_hi, gt)
         if branch_im is None:
             branch_im = im
-    fused_im = _show_map(axes[6], fused, FUSED[1], f_lo, f_hi, gt)
+    threshold = as_float(panel.get("threshold"))
+    pixel_threshold = as_float(panel.get("pixel_threshold"))
+    score = as_float(panel.get("score"))
+    decided = math.isfinite(threshold) and fused is not None
+    anomalous = decided and math.isfinite(score) and score > threshold
+    if decided:
+        f_lo, f_hi = colour_range(threshold, fused)
+        fused_im = _show_decision(axes[6], fused, _as_array(panel.get("rgb")), threshold,
+                                  pixel_threshold, anomalous, f_lo, f_hi, gt)
+    else:
+        fused_im = _show_map(axes[6], fused, FUSED[1], f_lo, f_hi, gt)
     for ax in axes:
         ax.set_xticks([])
         ax.set_yticks([])
+    fused_label = "fused score"
+    if decided:
+        fused_label = f"fused score {f_lo:.2f}-{f_hi:.2f} (none below {f_lo:.2f})"
     for cax, im, label in ((branch_cax, branch_im,
                             "branch score (0 = normal median, 1 = normal p99)"),
-                           (fused_cax, fused_im, "fused score")):
+                           (fused_cax, fused_im, fused_label)):
         if im is None:
             cax.set_visible(False)
             continue
         cb = fig.colorbar(im, cax=cax, orientation="horizontal")
         cb.ax.tick_params(labelsize=7, length=2, pad=1)
         cb.set_label(label, fontsize=7, labelpad=1)
-    fig.text(0.004, 0.03, "outline: ground-truth defect   depth: black = invalid or background",
-             fontsize=7.5, color="#555555")
-    score = as_float(panel.get("score"))
+        if im is fused_im and decided:
+            # one tick, at the threshold: end labels would collide with the next bar's
+            cb.set_ticks([threshold], labels=[f"threshold {threshold:.2f}"])
+            cb.ax.axvline(threshold, color="white", linewidth=1.2)
+    fig.text(0.004, 0.03, "dashed white: ground-truth defect   cyan: predicted defect mask   "
+             "depth: black = invalid or background", fontsize=7.5, color="#555555")
     label = panel.get("label")
     label_text = "n/a" if label is None else ("defect" if int(label) else "good")
-    fig.suptitle(f"{panel.get('category', '?')} / {panel.get('defect_type', '?')} / "
-                 f"{panel.get('stem', '?')}     image score {_fmt_score(score)}     "
-                 f"label {label if label is not None else 'n/a'} ({label_text})",
-                 fontsize=11, fontweight="bold", x=0.004, y=0.985, ha="left", va="top")
+    title = (f"{panel.get('category', '?')} / {panel.get('defect_type', '?')} / "
+             f"{panel.get('stem', '?')}     image score {_fmt_score(score)}")
+    if decided:
+        title += f" {'>' if anomalous else '<='} threshold {_fmt_score(threshold)}"
+    title += f"     label {label if label is not None else 'n/a'} ({label_text})"
+    fig.suptitle(title, fontsize=11, fontweight="bold", x=0.004, y=0.985, ha="left", va="top")
+    if decided:
+        right = label is not None and bool(int(label)) == anomalous
+        fig.text(0.996, 0.985, ("ANOMALOUS" if anomalous else "NORMAL")
+                 + ("" if label is None else ("  (correct)" if right else "  (wrong)")),
+                 fontsize=11, fontweight="bold", ha="right", va="top",
+                 color="#c62828" if anomalous else "#2e7d32")
     return _png(fig)
+
+
+def _show_decision(ax: Axes, amap: np.ndarray, rgb: np.ndarray | None, threshold: float,
+                   pixel_threshold: float, anomalous: bool, lo: float, hi: float,
+                   gt: np.ndarray | None) -> Any:
+    """The fused map over the image as in `cmad predict` overlays: colour relative to the
+    threshold (none below its low end), the predicted mask outlined; returns a mappable
+    for the colour bar."""
+    from matplotlib.cm import ScalarMappable
+
+    arr = np.nan_to_num(amap.astype(np.float64), nan=lo)
+    c, alpha = heat(arr, threshold)
+    cmap = colormaps[MAP_CMAP]
+    col = cmap(c)[..., :3]
+    if rgb is not None and rgb.shape[:2] == arr.shape:
+        base = rgb[..., :3].astype(np.float64) / 255.0
+    else:
+        base = np.full(arr.shape + (3,), 0.5)
+    ax.imshow(base * (1 - alpha[..., None]) + col * alpha[..., None], interpolation="antialiased")
+    if gt is not None and gt.shape == arr.shape and gt.any() and not gt.all():
+        ax.contour(gt.astype(np.float32), levels=[0.5], colors=GT_COLOUR, linewidths=0.9,
+                   linestyles="dashed")
+    mask = arr > (pixel_threshold if math.isfinite(pixel_threshold) else threshold)
+    if anomalous and mask.any() and not mask.all():
+        ax.contour(mask.astype(np.float32), levels=[0.5], colors=MASK_COLOUR, linewidths=1.4)
+    ax.set_title(f"{FUSED[1]}: {'ANOMALOUS' if anomalous else 'normal'}", fontsize=10,
+                 color="#c62828" if anomalous else "#2e7d32", fontweight="bold")
+    return ScalarMappable(norm=Normalize(lo, hi), cmap=cmap)
 
 
 def _panel_layout() -> tuple[Figure, list[Axes], Axes, Axes]:
@@ -260,7 +314,8 @@ def _show_map(ax: Axes, amap: np.ndarray | None, title: str, lo: float, hi: floa
     im = ax.imshow(np.ma.masked_invalid(arr), cmap=_cmap(MAP_CMAP, bad="#303030"),
                    norm=Normalize(lo, hi, clip=True), interpolation="antialiased")
     if gt is not None and gt.shape == arr.shape and gt.any() and not gt.all():
-        ax.contour(gt.astype(np.float32), levels=[0.5], colors=GT_COLOUR, linewidths=0.9)
+        ax.contour(gt.astype(np.float32), levels=[0.5], colors=GT_COLOUR, linewidths=0.9,
+                   linestyles="dashed")
     peak = float(np.nanmax(arr)) if np.isfinite(arr).any() else math.nan
     ax.set_title(f"{title}  (max {_fmt_score(peak)})", fontsize=10)
     return im

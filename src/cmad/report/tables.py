@@ -315,14 +315,59 @@ def few_shot_table(results: Mapping[str, Any]) -> Table | None:
                  values=values, note=note, slug="few-shot")
 
 
+def fmt_rate(v: Any) -> str:
+    """A rate as a percentage with no decimals (0.1 -> 10%); NaN -> n/a."""
+    x = as_float(v)
+    return f"{100.0 * x:.0f}%" if math.isfinite(x) else NA
+
+
+def _target(entry: Mapping[str, Any]) -> float:
+    """The target false-positive rate of a method's stored thresholds (NaN if they differ)."""
+    rates = {as_float((d or {}).get("target_fpr")) for d in (entry.get("decision") or {}).values()}
+    return rates.pop() if len(rates) == 1 else math.nan
+
+
+def decision_table(results: Mapping[str, Any]) -> Table | None:
+    """The stored threshold's error rates on the test split, per method: FPR (good parts
+    judged anomalous) and FNR (defective parts judged normal) per category and mean; None
+    when no method has them."""
+    methods = {n: e for n, e in methods_of(results).items() if e.get("decision")}
+    if not methods:
+        return None
+    cats = list(dict.fromkeys(c for e in methods.values() for c in e["decision"]))
+    header = ["Method", "target FPR", "FPR (mean)", "FNR (mean)", *(f"{c} FPR / FNR" for c in cats)]
+    csv_header = ["method", "target_fpr", "mean_fpr", "mean_fnr",
+                  *(f"{c}_{k}" for c in cats for k in ("fpr", "fnr", "threshold"))]
+    cells: list[list[str]] = []
+    values: list[list[Any]] = []
+    for name, e in methods.items():
+        mean = e.get("decision_mean") or {}
+        per = e.get("decision") or {}
+        target = _target(e)
+        row_v: list[Any] = [name, target, as_float(mean.get("fpr")), as_float(mean.get("fnr"))]
+        row_t = [str(name), fmt_rate(target) if target >= 0.01 or not math.isfinite(target)
+                 else f"{100 * target:.2g}%", fmt_rate(row_v[2]), fmt_rate(row_v[3])]
+        for c in cats:
+            d = per.get(c) or {}
+            row_v += [as_float(d.get("fpr")), as_float(d.get("fnr")), as_float(d.get("threshold"))]
+            row_t.append(f"{fmt_rate(d.get('fpr'))} / {fmt_rate(d.get('fnr'))}")
+        values.append(row_v)
+        cells.append(row_t)
+    note = ("The stored threshold of each model (chosen on validation normals for the target "
+            "false-positive rate) applied to the test split, which played no part in choosing "
+            "it. FPR: good parts judged anomalous; FNR: defective parts judged normal.")
+    return Table(title="Decision at the stored threshold", header=header, cells=cells,
+                 csv_header=csv_header, values=values, note=note, slug="decision")
+
+
 def headline_table(results: Mapping[str, Any], baseline: str = BASELINE) -> Table:
     """Mean accuracy and the cost of each method in one table (the report's first table)."""
     methods = methods_of(results)
     base = methods.get(baseline)
-    header = ["Method", *(f"{k} (mean)" for k in HEADLINE_METRICS), "infer (ms/sample)",
-              "model size"]
-    csv_header = ["method", *(f"mean_{k}" for k in HEADLINE_METRICS), "infer_ms_per_sample",
-                  "model_bytes"]
+    header = ["Method", *(f"{k} (mean)" for k in HEADLINE_METRICS), "FPR / FNR at threshold",
+              "infer (ms/sample)", "model size"]
+    csv_header = ["method", *(f"mean_{k}" for k in HEADLINE_METRICS), "mean_fpr", "mean_fnr",
+                  "infer_ms_per_sample", "model_bytes"]
     if base is not None:
         header += [f"time vs {baseline}", f"size vs {baseline}"]
         csv_header += [f"time_vs_{baseline}", f"size_vs_{baseline}"]
@@ -331,8 +376,11 @@ def headline_table(results: Mapping[str, Any], baseline: str = BASELINE) -> Tabl
     for name, e in methods.items():
         nums = [as_float((e.get("mean") or {}).get(k)) for k in HEADLINE_METRICS]
         infer, size = as_float(e.get("infer_ms_per_sample")), as_float(e.get("model_bytes"))
-        row_v: list[Any] = [name, *nums, infer, _int_if_whole(size)]
-        row_t = [str(name), *(fmt_metric(x) for x in nums), fmt_number(infer), fmt_bytes(size)]
+        dm = e.get("decision_mean") or {}
+        fpr, fnr = as_float(dm.get("fpr")), as_float(dm.get("fnr"))
+        row_v: list[Any] = [name, *nums, fpr, fnr, infer, _int_if_whole(size)]
+        row_t = [str(name), *(fmt_metric(x) for x in nums),
+                 f"{fmt_rate(fpr)} / {fmt_rate(fnr)}", fmt_number(infer), fmt_bytes(size)]
         if base is not None:
             t = ratio(infer, base.get("infer_ms_per_sample"))
             s = ratio(size, base.get("model_bytes"))
@@ -342,7 +390,9 @@ def headline_table(results: Mapping[str, Any], baseline: str = BASELINE) -> Tabl
         cells.append(row_t)
     return Table(title="Headline", header=header, cells=cells, csv_header=csv_header,
                  values=values, bold=best_cells(cells, range(1, len(HEADLINE_METRICS) + 1)),
-                 note="Mean over categories; best accuracy per column in bold.",
+                 note="Mean over categories; best accuracy per column in bold. FPR / FNR: good "
+                      "parts judged anomalous / defective parts judged normal by the stored "
+                      "threshold (chosen on validation normals) on the test split.",
                  slug="headline")
 
 
@@ -360,6 +410,12 @@ def summary_text(results: Mapping[str, Any], baseline: str = BASELINE,
              for n, e in methods.items()]
     bold = best_cells(cells, range(1, len(HEADLINE_METRICS) + 1))
     header = ["method", *HEADLINE_METRICS]
+    if any(e.get("decision_mean") for e in methods.values()):
+        # the stored threshold on the test split: good parts flagged, defective parts missed
+        header += ["FPR@thr", "FNR@thr"]
+        for row, e in zip(cells, methods.values()):
+            dm = e.get("decision_mean") or {}
+            row += [fmt_rate(dm.get("fpr")), fmt_rate(dm.get("fnr"))]
     shown = [[t + ("*" if (r, c) in bold else " ") if c else t for c, t in enumerate(row)]
              for r, row in enumerate(cells)]
     widths = [max(len(header[c]) + (1 if c else 0), *(len(row[c]) for row in shown))
