@@ -11,7 +11,9 @@ from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
+from torch import nn
 
+from cmad.errors import ConfigError
 from cmad.features import FeatureMaps, modalities_of
 
 if TYPE_CHECKING:
@@ -72,6 +74,13 @@ class Branch(ABC):
     def meta(self) -> dict[str, Any]:
         """JSON-able settings learnt in fitting that are not tensors."""
         return {}
+
+    def export_module(self) -> nn.Module:
+        """An `nn.Module` whose `forward(fm: FeatureMaps)` gives what `score(fm)` gives, with
+        torch operations that export to ONNX (`cmad export`; the fitted tensors become
+        constants of the graph). Branches that cannot be exported keep this default."""
+        raise ConfigError(f"branch {self.name!r} cannot be exported to ONNX (it defines no "
+                          "export_module); use the torch runtime for this model")
 
     @property
     def bank_entries(self) -> int:
