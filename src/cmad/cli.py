@@ -200,22 +200,26 @@ def evaluate(
 
 @app.command()
 def predict(
-    model: Path = typer.Option(..., "--model"),
+    model: Path = typer.Option(..., "--model", help="model folder (or, with --runtime onnx, "
+                               "an exported .onnx file)"),
     out: Path = typer.Option(..., "--out"),
     rgb: Path | None = typer.Option(None, "--rgb", help="one RGB PNG"),
     xyz: Path | None = typer.Option(None, "--xyz", help="its organized point cloud TIFF"),
     input_dir: Path | None = typer.Option(
         None, "--input", help="a folder with rgb/ and xyz/ subfolders (dataset layout)"),
+    runtime: str = typer.Option("torch", "--runtime", help="torch | onnx (the whole model in "
+                                "ONNX Runtime; a model folder is exported into the cache)"),
+    cache: Path | None = typer.Option(None, "--cache", help="cache dir (ONNX exports)"),
     threads: int = typer.Option(2, "--threads"),
     quiet: bool = typer.Option(False, "--quiet"),
 ) -> None:
     """Score new samples; write anomaly maps (TIFF), overlays (PNG) and scores.json."""
     _setup(quiet, threads)
-    from cmad.pipeline import Detector
+    from cmad.export import load_predictor
     from cmad.predict_io import collect_inputs, write_outputs
 
     try:
-        det = Detector.load(model)
+        det = load_predictor(model, runtime, cache_dir=cache)
         samples = collect_inputs(rgb=rgb, xyz=xyz, input_dir=input_dir, modalities=det.modalities)
         preds = det.predict(samples, progress=not quiet)
         path = write_outputs(out, samples, preds, threshold=det.threshold)
@@ -225,6 +229,30 @@ def predict(
         flag = "ANOMALOUS" if p.score > det.threshold else "normal"
         typer.echo(f"{s.stem}: score {p.score:.3f} ({flag}, threshold {det.threshold:.3f})")
     typer.echo(f"wrote {path}")
+
+
+@app.command()
+def export(
+    model: Path = typer.Option(..., "--model", help="model folder written by `cmad fit`"),
+    out: Path = typer.Option(..., "--out", help="the .onnx file to write"),
+    threads: int = typer.Option(2, "--threads"),
+    quiet: bool = typer.Option(False, "--quiet"),
+) -> None:
+    """Export the whole model (CNN, features, branches, fusion) to one ONNX file."""
+    _setup(quiet, threads)
+    from cmad.export import export_onnx, read_metadata
+    from cmad.pipeline import Detector
+
+    try:
+        det = Detector.load(model)
+        path = export_onnx(det, out)
+        meta = read_metadata(path)
+    except (CmadError, OSError) as exc:
+        _fail(exc)
+    names = ", ".join(i["name"] for i in json.loads(meta["inputs"]))
+    typer.echo(f"exported {model} ({', '.join(det.branches)}) to {path}: "
+               f"{path.stat().st_size / 1e6:.2f} MB, opset {meta['onnx_opset']}; inputs {names}; "
+               "outputs score, anomaly_map")
 
 
 @app.command()

@@ -254,14 +254,27 @@ def cached_export(model_dir: str | Path, cache_dir: Path | None = None) -> Path:
     from cmad.pipeline import CONFIG_NAME
 
     d = Path(model_dir)
-    det = Detector.load(d)
-    meta = json.loads((d / CONFIG_NAME).read_text())
-    key = _sha256(json.dumps([meta.get("tensors_sha256"), det.config.to_dict(), __version__,
-                              torch.__version__, ONNX_OPSET], sort_keys=True).encode())[:24]
+    cfg_path = d / CONFIG_NAME
+    try:
+        meta = json.loads(cfg_path.read_text())
+        ident = [meta["tensors_sha256"], meta["config"], meta["format_version"]]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        Detector.load(d)  # raises the error that names what is wrong
+        raise ModelFormatError(cfg_path, "unreadable model config") from None
+    key = _sha256(json.dumps([ident, __version__, torch.__version__, ONNX_OPSET],
+                             sort_keys=True).encode())[:24]
     path = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / "onnx-model" / \
         f"{key}.onnx"
     if not path.is_file():
-        export_onnx(det, path)
+        export_onnx(Detector.load(d), path)
+        return path
+    try:
+        blob = (d / str(meta.get("tensors"))).read_bytes()
+    except OSError:
+        blob = b""
+    if _sha256(blob) != meta["tensors_sha256"]:
+        Detector.load(d)  # names what is wrong with the folder
+        raise ModelFormatError(d, "tensor file does not match config.json")
     return path
 
 
