@@ -173,3 +173,24 @@ def test_cli_export_and_predict_runtime_onnx_match_torch(exported, data, tmp_pat
             assert ma.shape == mb.shape and np.abs(ma - mb).max() <= TOL
     r = runner.invoke(app, ["export", "--model", str(tmp_path), "--out", str(tmp_path / "y.onnx")])
     assert r.exit_code == 2 and "error:" in r.output
+
+
+def test_bench_times_both_runtimes_on_the_same_samples(exported, data, tmp_path):
+    from types import SimpleNamespace
+
+    from cmad.bench import time_runtimes
+    from cmad.report.tables import runtime_table
+
+    det, _, _ = exported
+    if det.config.branches != DEFAULT:
+        pytest.skip("checked on the default branch set")
+    _, samples = data
+    cd = SimpleNamespace(modalities=det.modalities, test=det.prepare(samples[-3:]))
+    rt = time_runtimes(det, cd, tmp_path)
+    assert rt["n"] == 3 and rt["torch_ms"] > 0 and rt["onnx_ms"] > 0
+    assert rt["max_score_diff"] <= TOL and rt["max_map_diff"] <= TOL
+    assert rt["onnx_bytes"] == (tmp_path / "model.onnx").stat().st_size
+    table = runtime_table({"methods": {"cmad": {"runtime": rt}, "other": {}}})
+    assert [row[0] for row in table.cells] == ["cmad"]
+    assert table.values[0][1] == rt["torch_ms"] and table.values[0][2] == rt["onnx_ms"]
+    assert runtime_table({"methods": {"cmad": {}}}) is None

@@ -265,6 +265,8 @@ def bench(
     resolution: int = typer.Option(224, "--resolution"),
     cache: Path | None = typer.Option(None, "--cache"),
     seed: int = typer.Option(0, "--seed"),
+    onnx: bool = typer.Option(False, "--onnx", help="also export each method to ONNX and time "
+                              "it beside torch on the same samples (the Runtimes table)"),
     threads: int = typer.Option(2, "--threads"),
     quiet: bool = typer.Option(False, "--quiet"),
 ) -> None:
@@ -283,6 +285,7 @@ def bench(
             methods=[m.strip() for m in methods.split(",")] if methods else None,
             shots=shot_list,
             size=resolution, cache_dir=cache, seed=seed, threads=threads, progress=not quiet,
+            onnx=onnx,
         )
     except (CmadError, OSError) as exc:
         _fail(exc)

@@ -56,6 +56,7 @@ from cmad.data.preprocess import CODE_VERSION as PREP_VERSION
 from cmad.data.preprocess import Preprocessor, to_original
 from cmad.errors import CmadError, ConfigError, DataError, ModelFormatError
 from cmad.features.graph import FeatureGraph
+from cmad.features.rgb import ONNX_OPSET, onnx_session
 from cmad.model.config import DetectorConfig
 from cmad.pipeline import Detector, modalities_of_sample
 from cmad.runtime import thread_limit
@@ -63,7 +64,6 @@ from cmad.types import Prediction, Prepared, Sample
 
 log = logging.getLogger(__name__)
 
-ONNX_OPSET = 17
 FORMAT = "cmad-onnx/1"
 RUNTIMES = ("torch", "onnx")
 
@@ -206,6 +206,8 @@ def export_bytes(det: Detector) -> bytes:
     except Exception as exc:  # noqa: BLE001 - torch.onnx raises many types
         raise ConfigError(f"ONNX export of the model failed: {type(exc).__name__}: {exc}") from exc
     model = onnx.load_from_string(buf.getvalue())
+    # the exporter drops inputs the graph does not use (foreground for an RGB-bank model)
+    names = [vi.name for vi in model.graph.input]
     for vi in model.graph.input:
         vi.doc_string = "{} {}: {}".format(*INPUTS[vi.name])
     for vi in model.graph.output:
@@ -288,7 +290,7 @@ class OnnxDetector:
 
     def __init__(self, path: str | Path, threads: int | None = None) -> None:
         try:
-            import onnxruntime as ort
+            import onnxruntime  # noqa: F401
         except ImportError:
             raise ConfigError("--runtime onnx needs onnxruntime: pip install 'cmad[onnx]'") from None
         self.path = Path(path)
@@ -310,7 +312,7 @@ class OnnxDetector:
                                    f"{extractor.get('preprocess')!r}; this cmad has {PREP_VERSION!r}")
         self.preprocessor = Preprocessor(self.config.preprocess)
         self.fpfh = None
-        if "fpfh" in self.inputs:
+        if {"fpfh", "fpfh_valid"} & set(self.inputs):
             from dataclasses import replace
 
             from cmad.features.xyz import FPFHExtractor
@@ -323,16 +325,9 @@ class OnnxDetector:
                 raise ModelFormatError(self.path, "exported with another FPFH code version or "
                                        f"settings ({extractor['features']['xyz']}) than this "
                                        f"installation provides ({mine})")
-        opts = ort.SessionOptions()
-        n = threads if threads is not None else thread_limit()
-        opts.intra_op_num_threads = n or 0
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
-            self.session = ort.InferenceSession(str(self.path), opts,
-                                                providers=["CPUExecutionProvider"])
+            self.session = onnx_session(self.path, threads if threads is not None
+                                        else thread_limit())
         except Exception as exc:  # noqa: BLE001 - onnxruntime's errors derive from Exception
             raise ModelFormatError(self.path, f"ONNX Runtime cannot load it: {exc}") from None
 
@@ -365,12 +360,15 @@ class OnnxDetector:
             elif name == "image_box":
                 x[name] = np.array([[p.geometry.orig_h, p.geometry.orig_w, p.geometry.pad_top,
                                      p.geometry.pad_left] for p in prepared], dtype=np.int64)
-            elif name == "fpfh":
+            elif name in ("fpfh", "fpfh_valid"):
+                if "fpfh" in x or "fpfh_valid" in x:
+                    continue
                 t = time.perf_counter()
                 fs, vs = zip(*(self.fpfh.extract(p.xyz, p.foreground) for p in prepared))
                 x["fpfh"] = np.ascontiguousarray(np.stack(fs).transpose(0, 2, 3, 1),
                                                  dtype=np.float32)
                 x["fpfh_valid"] = np.stack(vs).astype(bool)
+                x = {k: v for k, v in x.items() if k in self.inputs}
                 fpfh_ms = (time.perf_counter() - t) * 1000.0 / len(prepared)
         return x, fpfh_ms
 
