@@ -47,15 +47,31 @@ def data(tiny_root):
     return cat, samples[:20]
 
 
-@pytest.fixture(scope="module", params=[DEFAULT, NEW], ids=["default", "mapping-geom"])
-def exported(request, data, tmp_path_factory):
+@pytest.fixture(scope="module")
+def models(data, tmp_path_factory):
+    """branches -> (loaded detector, model folder, exported file), each fitted once."""
     cat, _ = data
-    tmp = tmp_path_factory.mktemp("export")
-    det = Detector(_cfg(request.param)).fit(cat, progress=False)
-    model = det.save(tmp / "model")
-    det = Detector.load(model)
-    path = export_onnx(det, tmp / "model.onnx")
-    return det, model, path
+    cache = {}
+
+    def get(branches):
+        if branches not in cache:
+            tmp = tmp_path_factory.mktemp("export")
+            model = Detector(_cfg(branches)).fit(cat, progress=False).save(tmp / "model")
+            det = Detector.load(model)
+            cache[branches] = (det, model, export_onnx(det, tmp / "model.onnx"))
+        return cache[branches]
+
+    return get
+
+
+@pytest.fixture(params=[DEFAULT, NEW], ids=["default", "mapping-geom"])
+def exported(request, models):
+    return models(request.param)
+
+
+@pytest.fixture
+def default_export(models):
+    return models(DEFAULT)
 
 
 def test_onnx_matches_torch_on_20_samples(exported, data):
@@ -130,8 +146,8 @@ def test_a_branch_without_export_is_refused_clearly(monkeypatch, data, tmp_path)
     assert not (tmp_path / "m.onnx").exists()
 
 
-def test_files_that_are_not_exports_are_refused(tmp_path, exported):
-    _, model, path = exported
+def test_files_that_are_not_exports_are_refused(tmp_path, default_export):
+    _, model, path = default_export
     bad = tmp_path / "x.onnx"
     bad.write_bytes(b"not onnx")
     with pytest.raises(ModelFormatError, match="not a readable ONNX file"):
@@ -142,10 +158,8 @@ def test_files_that_are_not_exports_are_refused(tmp_path, exported):
         load_predictor(model, "tensorrt")
 
 
-def test_cli_export_and_predict_runtime_onnx_match_torch(exported, data, tmp_path):
-    det, model, _ = exported
-    if det.config.branches != DEFAULT:
-        pytest.skip("the CLI path is checked on the default branch set")
+def test_cli_export_and_predict_runtime_onnx_match_torch(default_export, data, tmp_path):
+    _, model, _ = default_export
     cat, _ = data
     folder = next(s.paths.rgb.parent.parent for s in cat.samples("test") if s.label == 0)
     runner = CliRunner()
@@ -175,15 +189,13 @@ def test_cli_export_and_predict_runtime_onnx_match_torch(exported, data, tmp_pat
     assert r.exit_code == 2 and "error:" in r.output
 
 
-def test_bench_times_both_runtimes_on_the_same_samples(exported, data, tmp_path):
+def test_bench_times_both_runtimes_on_the_same_samples(default_export, data, tmp_path):
     from types import SimpleNamespace
 
     from cmad.bench import time_runtimes
     from cmad.report.tables import runtime_table
 
-    det, _, _ = exported
-    if det.config.branches != DEFAULT:
-        pytest.skip("checked on the default branch set")
+    det, _, _ = default_export
     _, samples = data
     cd = SimpleNamespace(modalities=det.modalities, test=det.prepare(samples[-3:]))
     rt = time_runtimes(det, cd, tmp_path)
