@@ -13,7 +13,7 @@ from torch import nn
 
 from cmad.features import FeatureMaps
 from cmad.model.align import CrossModalAlignment
-from cmad.model.branch import Branch, flat
+from cmad.model.branch import Branch, flat, half_stored
 
 
 class AlignBranch(Branch):
@@ -76,7 +76,7 @@ class _AlignGraph(nn.Module):
         super().__init__()
         m = branch.model
         self.branch = branch
-        self.net = m.net
+        self.net = half_stored(m.net)
         for name in ("app_mean", "app_std", "geo_mean", "geo_std"):
             self.register_buffer(name, getattr(m, name).float())
         self.weighted = m.w_app is not None and m.w_geo is not None

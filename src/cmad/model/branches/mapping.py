@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from cmad.features import FeatureMaps
-from cmad.model.branch import Branch, flat
+from cmad.model.branch import Branch, flat, half_stored
 from cmad.model.mapping import CrossModalMapping
 
 
@@ -80,7 +80,7 @@ class _MappingGraph(nn.Module):
     def __init__(self, branch: MappingBranch) -> None:
         super().__init__()
         self.branch = branch
-        self.net = branch.model.net
+        self.net = half_stored(branch.model.net)
 
     def forward(self, fm: FeatureMaps) -> tuple[torch.Tensor, torch.Tensor]:
         h, w = fm.grid
