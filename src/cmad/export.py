@@ -381,7 +381,10 @@ class OnnxDetector:
                                     f"the model needs {m} data; this sample has none")
         x, fpfh_ms = self.graph_inputs(prepared)
         t = time.perf_counter()
-        scores, maps = self.session.run(list(OUTPUTS), x)
+        try:
+            scores, maps = self.session.run(list(OUTPUTS), x)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's errors derive from Exception
+            raise ModelFormatError(self.path, f"ONNX Runtime failed on this batch: {exc}") from None
         ms = {"onnx_graph": (time.perf_counter() - t) * 1000.0 / len(prepared)}
         if self.fpfh is not None:
             ms["xyz_features"] = fpfh_ms
