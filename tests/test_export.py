@@ -206,3 +206,37 @@ def test_bench_times_both_runtimes_on_the_same_samples(default_export, data, tmp
     assert [row[0] for row in table.cells] == ["cmad"]
     assert table.values[0][1] == rt["torch_ms"] and table.values[0][2] == rt["onnx_ms"]
     assert runtime_table({"methods": {"cmad": {}}}) is None
+
+
+def test_feature_stages_in_torch_match_numpy_and_numba(data):
+    """The graph's own versions of the rendering (every kind: the same uint8 image), the
+    colour statistics, the geometric context and the image masks."""
+    import torch
+
+    from cmad.data.preprocess import PreprocessConfig, Preprocessor
+    from cmad.features import colour_stats, geometry_context
+    from cmad.features import graph as g
+    from cmad.features.geometry import GeometryConfig, render_geometry
+
+    _, samples = data
+    prep = [Preprocessor(PreprocessConfig(size=SIZE))(s) for s in samples[:8]]
+    xyz = torch.from_numpy(np.stack([p.xyz for p in prep]))
+    fg = torch.from_numpy(np.stack([p.foreground for p in prep]))
+    rgb = torch.from_numpy(np.stack([p.rgb for p in prep]))
+    for kind in ("shading", "normals", "curvature", "shading_curvature"):
+        cfg = GeometryConfig(kind=kind)
+        ref = np.stack([render_geometry(p.xyz, p.foreground, cfg) for p in prep])
+        assert ref.std() > 0
+        assert np.array_equal(g.render_geometry(xyz, fg, cfg).numpy(), ref), kind
+    grid = (SIZE // 8, SIZE // 8)
+    ctx = np.stack([geometry_context(p.xyz, p.foreground, grid) for p in prep])
+    assert np.abs(ctx).max() > 1.0
+    assert np.allclose(g.geometry_context(xyz, fg, grid).numpy(), ctx, rtol=1e-5, atol=1e-5)
+    col = np.stack([colour_stats(p.rgb, grid) for p in prep])
+    assert np.allclose(g.colour_stats(rgb, grid).numpy(), col, atol=1e-6)
+    box = torch.tensor([[p.geometry.orig_h, p.geometry.orig_w, p.geometry.pad_top,
+                         p.geometry.pad_left] for p in prep])
+    assert any(p.geometry.pad_top or p.geometry.pad_left for p in prep)  # padding exercised
+    for n in (grid[0], SIZE):
+        got = g.image_mask(box, n, n).numpy()
+        assert np.array_equal(got, np.stack([p.geometry.image_mask(n, n) for p in prep]))
