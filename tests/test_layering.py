@@ -19,6 +19,7 @@ LAYERS = {
     "pipeline": 4,
     "evaluate": 4,
     "predict_io": 5,
+    "export": 5,
     "report": 5,
     "bench": 6,
     "serve": 6,

@@ -301,6 +301,39 @@ def _mean_decision(rows: dict[str, dict]) -> dict:
     return out
 
 
+def time_runtimes(det: Detector, cd: CategoryData, folder: Path) -> dict:
+    """Torch against ONNX Runtime on the same prepared test samples, one sample at a time,
+    the two runtimes alternating (so that a change in machine load reaches both): median ms
+    per sample from the prepared sample to the score and map at working resolution
+    (preprocessing and the resize to the original size are the same Python for both and
+    left out; FPFH, when the model uses it, is numba in both), after one warm-up each. Also
+    the largest score and map differences and the size of the exported file."""
+    from cmad.export import OnnxDetector, export_onnx
+
+    path = export_onnx(det, folder / "model.onnx")
+    onnx_det = OnnxDetector(path)
+    # an extractor of exactly this model's features (the bench's shared one has more)
+    ext = Detector(det.config).extractor_for(cd.modalities)
+    torch_ms, onnx_ms, d_score, d_map = [], [], [], []
+    for i, p in enumerate([cd.test[0], *cd.test]):
+        t = time.perf_counter()
+        fm, _ = ext.extract([p], prep_digest=None)
+        (ref,), _ = det.predict_features(fm, [p], branch_maps=False)
+        t_torch = (time.perf_counter() - t) * 1000.0
+        t = time.perf_counter()
+        scores, maps, _ = onnx_det.run([p])
+        t_onnx = (time.perf_counter() - t) * 1000.0
+        if i == 0:
+            continue  # warm-up
+        torch_ms.append(t_torch)
+        onnx_ms.append(t_onnx)
+        d_score.append(abs(float(scores[0]) - ref.score))
+        d_map.append(float(np.abs(maps[0] - ref.anomaly_map_work).max()))
+    return {"torch_ms": float(np.median(torch_ms)), "onnx_ms": float(np.median(onnx_ms)),
+            "onnx_bytes": int(path.stat().st_size), "n": len(torch_ms),
+            "max_score_diff": float(max(d_score)), "max_map_diff": float(max(d_map))}
+
+
 def _mean(rows: list[dict]) -> dict:
     """Mean over categories, ignoring categories a method could not run on (NaN)."""
     out = {}
@@ -396,12 +429,15 @@ def run_bench(
     panels_per_type: int = 2,
     executor: str = "local",
     address: str | None = None,
+    onnx: bool = False,
 ) -> BenchResult:
     """Fit and evaluate every method on every category; write the report folder.
 
     `executor="ray"`: each category's methods, and each of its few-shot counts, run as a
     Ray task (`address`: an existing cluster, see `cmad.executor`); the metrics are the
-    local run's, the timings are those of the workers (which share their machines)."""
+    local run's, the timings are those of the workers (which share their machines).
+    `onnx`: also export each fitted method to ONNX and time it beside torch on the same
+    test samples (`time_runtimes`; the "Runtimes" table)."""
     from cmad.data import open_dataset
     from cmad.executor import check_executor
     from cmad.report import summary_text, write_report
@@ -460,6 +496,13 @@ def run_bench(
             res["categories"][c] = row["metrics"]
             res["per_defect"][c] = row["per_defect"]
             res.setdefault("decision", {})[c] = row["decision"]
+            if onnx:
+                try:
+                    with tempfile.TemporaryDirectory() as tmp:
+                        row["runtime"] = time_runtimes(det, cd, Path(tmp))
+                except ConfigError as exc:
+                    log.warning("%s: %s not timed in ONNX Runtime: %s", c, m, exc)
+                    row["runtime"] = {"error": str(exc)}
             per_method_eff[m].append(row)
         panels.extend(got["panels"])
         for k, by_method in got["shots"].items():
@@ -484,6 +527,16 @@ def run_bench(
         res["bank_bytes"] = int(np.mean([r["bank_bytes"] for r in rows]))
         res["peak_rss_mb"] = float(max(r["peak_rss_mb"] for r in rows))
         res["weights"] = {r["category"]: r["weights"] for r in rows}
+        timed = [r["runtime"] for r in rows if "torch_ms" in r.get("runtime", {})]
+        if timed:
+            res["runtime"] = {k: float(np.mean([t[k] for t in timed]))
+                              for k in ("torch_ms", "onnx_ms", "onnx_bytes")}
+            res["runtime"].update({k: float(max(t[k] for t in timed))
+                                   for k in ("max_score_diff", "max_map_diff")})
+            res["runtime"]["n"] = int(sum(t["n"] for t in timed))
+            res["runtime"]["categories"] = {r["category"]: r["runtime"] for r in rows}
+        elif any("runtime" in r for r in rows):
+            res["runtime"] = {"error": next(r["runtime"]["error"] for r in rows if "runtime" in r)}
     for k, by_method in shot_rows.items():
         results["shots"][k] = {m: {"categories": cats_, "mean": _mean(list(cats_.values()))}
                                for m, cats_ in by_method.items()}
@@ -491,7 +544,14 @@ def run_bench(
     # half-written report (and the next run clears the sibling)
     with atomic_folder(out, lambda _: False) as tmp:
         write_report(tmp, results, panels, quiet=not progress)
-    return BenchResult(results, out, summary_text(results))
+    summary = summary_text(results)
+    for m in methods:
+        rt = results["methods"][m].get("runtime") or {}
+        if "torch_ms" in rt:
+            summary += (f"{m}: torch {rt['torch_ms']:.1f} ms/sample, ONNX Runtime "
+                        f"{rt['onnx_ms']:.1f} ms/sample (max score difference "
+                        f"{rt['max_score_diff']:.1e}; file {rt['onnx_bytes'] / 1e6:.2f} MB)\n")
+    return BenchResult(results, out, summary)
 
 
 def time_features(data: Path, category: str, limit: int = 30, size: int = 224,

@@ -222,7 +222,8 @@ def _decision(det, threshold: float | None, fpr: float | None, pixel_fpr: float 
 
 @app.command()
 def predict(
-    model: Path = typer.Option(..., "--model", help="model folder written by `cmad fit`"),
+    model: Path = typer.Option(..., "--model", help="model folder written by `cmad fit` (or, "
+                               "with --runtime onnx, an exported .onnx file)"),
     out: Path = typer.Option(..., "--out", help="output folder (replaced whole if it exists)"),
     rgb: Path | None = typer.Option(None, "--rgb", help="one RGB PNG"),
     xyz: Path | None = typer.Option(None, "--xyz", help="its organized point cloud TIFF"),
@@ -241,6 +242,9 @@ def predict(
     pixel_fpr: float | None = typer.Option(
         None, "--pixel-fpr", help="target rate of normal pixels inside the predicted defect "
         "masks (default: the model's, 0.005)"),
+    runtime: str = typer.Option("torch", "--runtime", help="torch | onnx (the whole model in "
+                                "ONNX Runtime; a model folder is exported into the cache)"),
+    cache: Path | None = typer.Option(None, "--cache", help="cache dir (ONNX exports)"),
     threads: int = typer.Option(2, "--threads", help="CPU threads"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress or log lines"),
 ) -> None:
@@ -248,14 +252,16 @@ def predict(
     scores.json (score, verdict, threshold, defect area per sample)."""
     _setup(quiet, threads)
     from cmad.executor import check_executor
-    from cmad.pipeline import Detector
+    from cmad.export import load_predictor
     from cmad.predict_io import collect_inputs, decide, input_files, predict_distributed, write_outputs
 
     try:
         check_executor(executor, address)
         if workers is not None and workers < 1:
             raise CmadError(f"--workers must be a positive integer, got {workers}")
-        det = Detector.load(model)
+        if executor == "ray" and runtime != "torch":
+            raise CmadError("--executor ray runs the torch runtime only; drop --runtime onnx")
+        det = load_predictor(model, runtime, cache_dir=cache)
         decision = _decision(det, threshold, fpr, pixel_fpr)
         if executor == "ray":
             files = input_files(rgb=rgb, xyz=xyz, input_dir=input_dir, modalities=det.modalities)
@@ -376,6 +382,30 @@ def _normal_parts(data: Path, category: str | None, modalities: list[str]) -> li
 
 
 @app.command()
+def export(
+    model: Path = typer.Option(..., "--model", help="model folder written by `cmad fit`"),
+    out: Path = typer.Option(..., "--out", help="the .onnx file to write"),
+    threads: int = typer.Option(2, "--threads"),
+    quiet: bool = typer.Option(False, "--quiet"),
+) -> None:
+    """Export the whole model (CNN, features, branches, fusion) to one ONNX file."""
+    _setup(quiet, threads)
+    from cmad.export import export_onnx, read_metadata
+    from cmad.pipeline import Detector
+
+    try:
+        det = Detector.load(model)
+        path = export_onnx(det, out)
+        meta = read_metadata(path)
+    except (CmadError, OSError) as exc:
+        _fail(exc)
+    names = ", ".join(i["name"] for i in json.loads(meta["inputs"]))
+    typer.echo(f"exported {model} ({', '.join(det.branches)}) to {path}: "
+               f"{path.stat().st_size / 1e6:.2f} MB, opset {meta['onnx_opset']}; inputs {names}; "
+               "outputs score, anomaly_map")
+
+
+@app.command()
 def bench(
     data: Path = typer.Option(..., "--data"),
     out: Path = typer.Option(..., "--out", help="report folder (a new one per run)"),
@@ -388,6 +418,8 @@ def bench(
     executor: str = typer.Option("local", "--executor", help="local | ray (the [ray] extra)"),
     address: str | None = typer.Option(
         None, "--address", help="Ray cluster to join (auto or HOST:PORT; default: a local one)"),
+    onnx: bool = typer.Option(False, "--onnx", help="also export each method to ONNX and time "
+                              "it beside torch on the same samples (the Runtimes table)"),
     threads: int = typer.Option(2, "--threads"),
     quiet: bool = typer.Option(False, "--quiet"),
     scale: str | None = typer.Option(
@@ -429,6 +461,7 @@ def bench(
             shots=shot_list,
             size=resolution, cache_dir=cache, seed=seed, threads=threads, progress=not quiet,
             executor=executor, address=address,
+            onnx=onnx,
         )
     except (CmadError, OSError) as exc:
         _fail(exc)

@@ -406,6 +406,22 @@ class FeaturePipeline(nn.Module):
         return f
 
 
+def onnx_session(path: str | Path, threads: int | None = None) -> Any:
+    """An ONNX Runtime CPU session for `path` (`threads` intra-op threads, None: its
+    default), sequential, all graph optimisations, idle workers not spinning. Shared by the
+    CNN-only runtime here and the whole-model export (`cmad.export`)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or 0
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Idle worker threads must not spin and steal the cores other stages run on.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
 def identity_digest(identity: dict[str, Any]) -> str:
     blob = json.dumps(identity, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()
@@ -508,7 +524,7 @@ class RGBExtractor:
 
     def _onnx_session(self, folder: Path) -> Any:
         try:
-            import onnxruntime as ort
+            import onnxruntime  # noqa: F401
         except ImportError:
             raise ConfigError(
                 "runtime='onnx' needs onnxruntime: pip install 'cmad[onnx]'"
@@ -518,19 +534,12 @@ class RGBExtractor:
         self.onnx_path = path
         if not path.is_file():
             self._export(path)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = self.cfg.threads or 0
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # Idle worker threads must not spin and steal the cores other stages run on.
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
-            return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            return onnx_session(path, self.cfg.threads)
         except Exception as exc:  # noqa: BLE001 (onnxruntime's errors derive from Exception)
             log.warning("re-exporting unreadable ONNX cache %s: %s", path, exc)
             self._export(path)
-            return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            return onnx_session(path, self.cfg.threads)
 
     def _export(self, path: Path) -> None:
         """Export the truncated pipeline to `path` atomically (temporary file, then rename)."""

@@ -11,6 +11,7 @@ import logging
 import numpy as np
 import torch
 from numba import njit
+from torch import nn
 from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
@@ -514,6 +515,12 @@ class MemoryBank:
         return _search(self._project(queries), self.size, self._rows, self._sq,
                        self.chunk, self.bank_chunk)
 
+    def export_module(self) -> BankSearch:
+        """The search as a module that exports to ONNX (`BankSearch`)."""
+        if self._sq is None:
+            raise RuntimeError("MemoryBank has not been fitted")
+        return BankSearch(self)
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         if self._sq is None:
             raise RuntimeError("MemoryBank has not been fitted")
@@ -546,3 +553,53 @@ class MemoryBank:
     def nbytes(self) -> int:
         """Bytes stored (for int8 / int4: the codes plus a low and a step per dimension)."""
         return int(sum(v.numel() * v.element_size() for v in self.stored.values()))
+
+
+class BankSearch(nn.Module):
+    """`MemoryBank.score` as torch operations for ONNX export: (M, C) queries -> (M,).
+
+    The bank keeps its stored form as constants: 4- and 8-bit codes stay packed (uint8, the
+    file is as small as the model's) and are decoded in the graph with the same float32
+    operations as `dequantise`; float16 entries are widened to float32. The distance is the
+    same expansion as the torch search (|e|^2 - 2 q.e, minimum, + |q|^2, clamp, sqrt).
+    """
+
+    def __init__(self, bank: MemoryBank) -> None:
+        super().__init__()
+        st = bank.stored
+        self.dtype = bank.dtype
+        self.dim = None
+        if bank.dtype in CODES:
+            key, bits = CODES[bank.dtype]
+            self.bits = bits
+            self.register_buffer("codes", st[key].contiguous())
+            self.register_buffer("low", st["low"].float().contiguous())
+            self.register_buffer("step", st["step"].float().contiguous())
+            self.dim = int(st["low"].shape[0])
+        else:
+            self.bits = 0
+            self.register_buffer("entries", st["bank"].contiguous())
+        self.register_buffer("sq", bank._sq.float().contiguous())
+        self.project = bank.proj is not None and bank.proj_mean is not None
+        if self.project:
+            self.register_buffer("proj", bank.proj.float().contiguous())
+            self.register_buffer("proj_mean", bank.proj_mean.float().contiguous())
+
+    def decoded(self) -> torch.Tensor:
+        """(K, C) float32 entries, as `MemoryBank._rows` gives them."""
+        if not self.bits:
+            return self.entries.float()
+        # codes as float32 (exact for 0..255); a byte's two 4-bit codes split by a floor
+        q = self.codes.to(torch.float32)
+        if self.bits == 4:
+            hi = torch.floor(q * 0.0625)
+            q = torch.stack([q - hi * 16.0, hi], 2).reshape(q.shape[0], -1)[:, : self.dim]
+        return self.low[None, :] + q * self.step[None, :]
+
+    def forward(self, queries: torch.Tensor) -> torch.Tensor:
+        q = queries.float()
+        if self.project:
+            q = (q - self.proj_mean) @ self.proj
+        d = torch.addmm(self.sq[None, :], q, self.decoded().T, alpha=-2.0)
+        best = d.min(1).values
+        return (best + (q * q).sum(1)).clamp_min(0.0).sqrt()

@@ -7,15 +7,52 @@ list of branches and never asks which kind a branch is. Adding a branch is one f
 """
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
+from torch import nn
 
+from cmad.errors import ConfigError
 from cmad.features import FeatureMaps, modalities_of
 
 if TYPE_CHECKING:
     from cmad.model.config import DetectorConfig
+
+
+class _HalfLinear(nn.Module):
+    """`nn.Linear` with its weights kept as float16 constants, computed in float32."""
+
+    def __init__(self, lin: nn.Linear) -> None:
+        super().__init__()
+        self.register_buffer("weight", lin.weight.detach().half())
+        self.register_buffer("bias", None if lin.bias is None else lin.bias.detach().half())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = None if self.bias is None else self.bias.float()
+        return nn.functional.linear(x, self.weight.float(), b)
+
+
+def half_stored(net: nn.Module) -> nn.Module:
+    """A copy of `net` for export whose linear layers store float16 weights, when every
+    weight is already a float16 value (`round_to_float16`): the same function at half the
+    bytes in an ONNX file. Otherwise the copy keeps float32."""
+    lins = [m for m in net.modules() if isinstance(m, nn.Linear)]
+    exact = all(torch.equal(t, t.half().float()) for m in lins for t in m.parameters())
+    net = copy.deepcopy(net)
+    if not exact:
+        return net
+
+    def swap(parent: nn.Module) -> None:
+        for name, child in parent.named_children():
+            if isinstance(child, nn.Linear):
+                setattr(parent, name, _HalfLinear(child))
+            else:
+                swap(child)
+
+    swap(net)
+    return net
 
 
 def flat(t: torch.Tensor) -> torch.Tensor:
@@ -72,6 +109,13 @@ class Branch(ABC):
     def meta(self) -> dict[str, Any]:
         """JSON-able settings learnt in fitting that are not tensors."""
         return {}
+
+    def export_module(self) -> nn.Module:
+        """An `nn.Module` whose `forward(fm: FeatureMaps)` gives what `score(fm)` gives, with
+        torch operations that export to ONNX (`cmad export`; the fitted tensors become
+        constants of the graph). Branches that cannot be exported keep this default."""
+        raise ConfigError(f"branch {self.name!r} cannot be exported to ONNX (it defines no "
+                          "export_module); use the torch runtime for this model")
 
     @property
     def bank_entries(self) -> int:

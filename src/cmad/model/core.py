@@ -20,7 +20,15 @@ from cmad.model.branch import Branch
 from cmad.model.branches import REGISTRY, branch_class
 from cmad.model.config import DetectorConfig
 from cmad.model.decision import Decision
-from cmad.model.fusion import choose_weights, combine, image_scores, normalise, robust_stats, upsample
+from cmad.model.fusion import (
+    PixelMaps,
+    choose_weights,
+    combine,
+    image_scores,
+    normalise,
+    robust_stats,
+    upsample,
+)
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +199,13 @@ class DetectorCore:
         ms["fusion"] = (time.perf_counter() - t) * 1000.0 / max(len(fm), 1)
         return Scored(scores, pix, bpix, ms)
 
+    def export_module(self) -> CoreGraph:
+        """`score` as a module of torch operations that exports to ONNX (`CoreGraph`);
+        `ConfigError` names a branch that cannot be exported."""
+        if not self.branches:
+            raise RuntimeError("the detector has not been fitted or loaded")
+        return CoreGraph(self)
+
     # ---------------------------------------------------------------- persistence
     def tensors(self) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
@@ -223,3 +238,47 @@ class DetectorCore:
             own = {k[len(b.name) + 1:]: v for k, v in tensors.items() if k.startswith(f"{b.name}.")}
             b.load_state_dict(own, meta["branch_meta"].get(b.name, {}))
         return core
+
+
+class CoreGraph(torch.nn.Module):
+    """`DetectorCore.score` (image scores and fused maps, no branch maps) for ONNX export.
+
+    forward(fm, area) -> (scores (B,), maps (B, S, S)): each branch's own export module,
+    the same normalisation and weighted sum, `PixelMaps` for the upsampling and blur, the
+    padding set to each map's floor, and the image score over the image area.
+    """
+
+    def __init__(self, core: DetectorCore) -> None:
+        super().__init__()
+        cfg = core.config
+        self.names = core.names
+        self.branches = torch.nn.ModuleList([b.export_module() for b in core.branches])
+        self.norm = {n: tuple(core.norm[n]) for n in self.names}
+        self.weights = dict(core.weights)
+        self.pixels = PixelMaps(cfg.size, cfg.sigma)
+        if cfg.score_mode not in ("max", "topk"):
+            raise ConfigError(f"score_mode {cfg.score_mode!r} cannot be exported")
+        self.score_mode = cfg.score_mode
+        self.topk = int(cfg.topk)
+
+    def forward(self, fm: FeatureMaps, area: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        maps = {}
+        for name, module in zip(self.names, self.branches):
+            s, v = module(fm)
+            maps[name] = normalise(s, v, *self.norm[name])
+        pix = self.pixels(combine(maps, self.weights))
+        flat_area = area.flatten(1)
+        has = flat_area.any(1)
+        inside = flat_area | ~has[:, None]  # no image area: the whole map (as image_scores)
+        flat = pix.flatten(1)
+        big = torch.full_like(flat, float("inf"))
+        low = torch.where(inside, flat, big).min(1).values
+        floor = torch.where(has, torch.clamp(low, max=0.0), torch.zeros_like(low))
+        pix = torch.where(area, pix, floor[:, None, None])
+        flat = torch.where(inside, pix.flatten(1), -big)
+        if self.score_mode == "max":
+            scores = flat.max(1).values
+        else:
+            k = min(self.topk, flat.shape[1])
+            scores = torch.topk(flat, k, dim=1).values.mean(1)
+        return scores, pix

@@ -70,6 +70,42 @@ def upsample(patch_maps: torch.Tensor, size: int, sigma: float = 4.0) -> np.ndar
     return up.astype(np.float32)
 
 
+def gaussian_kernel(sigma: float, truncate: float = 4.0) -> np.ndarray:
+    """The 1-D kernel `scipy.ndimage.gaussian_filter` uses: radius int(truncate * sigma +
+    0.5), exp(-x^2 / (2 sigma^2)) normalised to sum 1 (float64)."""
+    radius = int(truncate * float(sigma) + 0.5)
+    x = np.arange(-radius, radius + 1, dtype=np.float64)
+    phi = np.exp(-0.5 / (float(sigma) ** 2) * x ** 2)
+    return phi / phi.sum()
+
+
+class PixelMaps(torch.nn.Module):
+    """`upsample` as torch operations for ONNX export: bilinear resize, then the Gaussian
+    blur as two 1-D convolutions (rows, then columns, as scipy filters axis 0 first) over
+    edge-replicated padding (scipy's mode="nearest"), with scipy's kernel."""
+
+    def __init__(self, size: int, sigma: float = 4.0) -> None:
+        super().__init__()
+        self.size = int(size)
+        self.sigma = float(sigma)
+        k = torch.from_numpy(gaussian_kernel(sigma).astype(np.float32)) if sigma > 0 else None
+        self.radius = 0 if k is None else (k.numel() - 1) // 2
+        if k is not None:
+            self.register_buffer("k_rows", k.reshape(1, 1, -1, 1).clone())
+            self.register_buffer("k_cols", k.reshape(1, 1, 1, -1).clone())
+
+    def forward(self, patch_maps: torch.Tensor) -> torch.Tensor:
+        up = torch.nn.functional.interpolate(
+            patch_maps[:, None].float(), size=(self.size, self.size), mode="bilinear",
+            align_corners=False)
+        if self.sigma > 0:
+            r = self.radius
+            pad = torch.nn.functional.pad
+            up = torch.nn.functional.conv2d(pad(up, (0, 0, r, r), mode="replicate"), self.k_rows)
+            up = torch.nn.functional.conv2d(pad(up, (r, r, 0, 0), mode="replicate"), self.k_cols)
+        return up[:, 0]
+
+
 def image_scores(pixel_maps: np.ndarray, area: np.ndarray, mode: str = "max", topk: int = 10) -> np.ndarray:
     """One score per map over its image area: the maximum, or the mean of the top-k pixels."""
     out = np.empty(len(pixel_maps), dtype=np.float64)

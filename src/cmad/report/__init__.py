@@ -36,6 +36,7 @@ from cmad.report.tables import (
     metric_table,
     per_defect_long_csv,
     per_defect_tables,
+    runtime_table,
     summary_text,
 )
 
@@ -80,12 +81,16 @@ def write_report(out_dir: Path, results: dict, panels: list[dict], *,
                     "## Per defect type\n\n" + "\n".join(t.to_markdown() for t in per_defect))
         _write_text(out / "tables" / "per_defect.csv", per_defect_long_csv(results))
         files.append(("tables/per_defect.csv", "every metric per method, category and defect"))
+    runtimes = runtime_table(results)
+    if runtimes is not None:
+        _write_table(out / "tables", runtimes)
+        files.append((f"tables/{runtimes.slug}.csv", "torch against ONNX Runtime as CSV"))
     if few_shot is not None:
         _write_text(out / "tables" / "few_shot.md", few_shot.to_markdown(level=2))
         _write_text(out / "tables" / "few_shot.csv", few_shot.to_csv())
         files.append(("tables/few_shot.csv", "few-shot results as CSV"))
     _write_text(out / "tables.md", _all_tables_md(results, headline, metric_tables, efficiency,
-                                                  per_defect, few_shot, decision))
+                                                  per_defect, few_shot, decision, runtimes))
 
     charts: list[tuple[str, str]] = []
     for metric, name in BAR_CHARTS:
@@ -123,7 +128,7 @@ def write_report(out_dir: Path, results: dict, panels: list[dict], *,
 
 def _all_tables_md(results: Mapping[str, Any], headline: Table, metric_tables: Sequence[Table],
                    efficiency: Table, per_defect: Sequence[Table], few_shot: Table | None,
-                   decision: Table | None = None) -> str:
+                   decision: Table | None = None, runtimes: Table | None = None) -> str:
     parts = ["# cmad bench tables", ""]
     if results.get("created"):
         parts.append(f"Run {results['created']}" + (f": `{results['command']}`"
@@ -133,6 +138,8 @@ def _all_tables_md(results: Mapping[str, Any], headline: Table, metric_tables: S
               "## Accuracy", "", *(t.to_markdown(level=3) for t in metric_tables),
               *(["## Decision", "", decision.to_markdown(level=3)] if decision else []),
               "## Efficiency", "", efficiency.to_markdown(level=3)]
+    if runtimes is not None:
+        parts += ["## Runtimes", "", runtimes.to_markdown(level=3)]
     if per_defect:
         parts += ["## Per defect type", "", *(t.to_markdown(level=3) for t in per_defect)]
     if few_shot is not None:

@@ -242,6 +242,36 @@ def efficiency_table(results: Mapping[str, Any], baseline: str = BASELINE) -> Ta
                  values=values, note=note, slug="efficiency")
 
 
+def runtime_table(results: Mapping[str, Any]) -> Table | None:
+    """Torch against ONNX Runtime per method (`cmad bench --onnx`), or None without them."""
+    rows = {n: e["runtime"] for n, e in methods_of(results).items() if e.get("runtime")}
+    if not rows:
+        return None
+    header = ["Method", "torch (ms/sample)", "onnx (ms/sample)", "onnx vs torch", "ONNX file",
+              "max |score diff|", "max |map diff|"]
+    csv_header = ["method", "torch_ms", "onnx_ms", "onnx_vs_torch", "onnx_bytes",
+                  "max_score_diff", "max_map_diff"]
+    cells, values = [], []
+    for name, r in rows.items():
+        if "error" in r:
+            cells.append([str(name), NA, NA, NA, NA, NA, str(r["error"])])
+            values.append([name, None, None, None, None, None, None])
+            continue
+        q = ratio(r.get("onnx_ms"), r.get("torch_ms"))
+        v = [name, as_float(r.get("torch_ms")), as_float(r.get("onnx_ms")), q,
+             as_float(r.get("onnx_bytes")), as_float(r.get("max_score_diff")),
+             as_float(r.get("max_map_diff"))]
+        cells.append([str(name), fmt_number(v[1]), fmt_number(v[2]), fmt_ratio(q),
+                      fmt_bytes(v[4]), f"{v[5]:.1e}", f"{v[6]:.1e}"])
+        values.append(v)
+    note = ("The same prepared test samples, one at a time, the two runtimes alternating: "
+            "median ms per sample from the prepared sample to the score and the map at "
+            "working resolution (features, branches, fusion; FPFH is numba in both), after "
+            "warm-up. Differences are the largest over the test samples.")
+    return Table(title="Runtimes", header=header, cells=cells, csv_header=csv_header,
+                 values=values, note=note, slug="runtime")
+
+
 def per_defect_tables(results: Mapping[str, Any],
                       metrics: Sequence[str] = HEADLINE_METRICS) -> list[Table]:
     """For each method with per-defect results: rows category / defect type, metric columns."""

@@ -9,10 +9,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import nn
 
 from cmad.features import FeatureMaps
 from cmad.model.align import CrossModalAlignment
-from cmad.model.branch import Branch, flat
+from cmad.model.branch import Branch, flat, half_stored
 
 
 class AlignBranch(Branch):
@@ -53,6 +54,11 @@ class AlignBranch(Branch):
         b, h, w = fm.valid.shape
         return self.model.score(*self._inputs(fm)).reshape(b, h, w), fm.mask3d()
 
+    def export_module(self) -> nn.Module:
+        if self.model is None:
+            raise RuntimeError("align: not fitted")
+        return _AlignGraph(self)
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         if self.model is None:
             raise RuntimeError("align: not fitted")
@@ -61,3 +67,27 @@ class AlignBranch(Branch):
     def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         self.model = CrossModalAlignment(self.config.align, seed=self.config.seed)
         self.model.load_state_dict(tensors)
+
+
+class _AlignGraph(nn.Module):
+    """`AlignBranch.score` for ONNX export: the fitted network and statistics as constants."""
+
+    def __init__(self, branch: AlignBranch) -> None:
+        super().__init__()
+        m = branch.model
+        self.branch = branch
+        self.net = half_stored(m.net)
+        for name in ("app_mean", "app_std", "geo_mean", "geo_std"):
+            self.register_buffer(name, getattr(m, name).float())
+        self.weighted = m.w_app is not None and m.w_geo is not None
+        if self.weighted:
+            self.register_buffer("w_app", m.w_app.float())
+            self.register_buffer("w_geo", m.w_geo.float())
+
+    def forward(self, fm: FeatureMaps) -> tuple[torch.Tensor, torch.Tensor]:
+        h, w = fm.grid
+        app, geo = self.branch._inputs(fm)
+        a = (app.float() - self.app_mean) / self.app_std
+        g = (geo.float() - self.geo_mean) / self.geo_std
+        wa, wg = (self.w_app, self.w_geo) if self.weighted else (None, None)
+        return self.net.loss_terms(a, g, wa, wg).reshape(-1, h, w), fm.mask3d()

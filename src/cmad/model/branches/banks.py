@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import nn
 
 from cmad.features import FeatureMaps
 from cmad.model.bank import MemoryBank
@@ -58,6 +59,11 @@ class BankBranch(Branch):
         if self.bank is None:
             raise RuntimeError(f"{self.name}: not fitted")
         return self.bank.state_dict()
+
+    def export_module(self) -> nn.Module:
+        if self.bank is None:
+            raise RuntimeError(f"{self.name}: not fitted")
+        return _BankGraph(self)
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         self.bank = MemoryBank(self.fraction(), self.config.bank_max_entries, self.config.seed)
@@ -128,3 +134,17 @@ class GeomBank(BankBranch):
 
     def where(self, fm: FeatureMaps) -> torch.Tensor:
         return fm.valid & fm.image
+
+
+class _BankGraph(nn.Module):
+    """`BankBranch.score` for ONNX export: the branch's own `rows` and `where`, the bank's
+    `BankSearch`."""
+
+    def __init__(self, branch: BankBranch) -> None:
+        super().__init__()
+        self.branch = branch
+        self.search = branch.bank.export_module()
+
+    def forward(self, fm: FeatureMaps) -> tuple[torch.Tensor, torch.Tensor]:
+        h, w = fm.grid
+        return self.search(self.branch.rows(fm)).reshape(-1, h, w), self.branch.where(fm)

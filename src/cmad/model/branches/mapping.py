@@ -11,9 +11,10 @@ from dataclasses import replace
 from typing import Any
 
 import torch
+from torch import nn
 
 from cmad.features import FeatureMaps
-from cmad.model.branch import Branch, flat
+from cmad.model.branch import Branch, flat, half_stored
 from cmad.model.mapping import CrossModalMapping
 
 
@@ -57,6 +58,11 @@ class MappingBranch(Branch):
         bsz, h, w = fm.valid.shape
         return self.model.score(*self._inputs(fm)).reshape(bsz, h, w), self.where(fm)
 
+    def export_module(self) -> nn.Module:
+        if self.model is None:
+            raise RuntimeError("mapping: not fitted")
+        return _MappingGraph(self)
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         if self.model is None:
             raise RuntimeError("mapping: not fitted")
@@ -65,3 +71,21 @@ class MappingBranch(Branch):
     def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         self.model = CrossModalMapping(replace(self.config.mapping, seed=self.config.seed))
         self.model.load_state_dict(tensors)
+
+
+class _MappingGraph(nn.Module):
+    """`MappingBranch.score` for ONNX export: the model's own standardisation and error
+    functions; its fitted tensors become constants of the graph."""
+
+    def __init__(self, branch: MappingBranch) -> None:
+        super().__init__()
+        self.branch = branch
+        self.net = half_stored(branch.model.net)
+
+    def forward(self, fm: FeatureMaps) -> tuple[torch.Tensor, torch.Tensor]:
+        h, w = fm.grid
+        m = self.branch.model
+        za, zb = m._standardise(*self.branch._inputs(fm))
+        e_ab, e_ba = m._pair_errors(self.net, za, zb, weighted=True)
+        s = e_ab * e_ba if m.cfg.combine == "product" else e_ab + e_ba
+        return s.reshape(-1, h, w), self.branch.where(fm)
