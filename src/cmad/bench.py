@@ -374,7 +374,8 @@ def _panels(cd: CategoryData, idx: list[int], preds: list, decision: Decision) -
 def bench_category(data: Path, category: str, size: int, seed: int, cache_dir: Path | None,
                    methods: Sequence[str], shots: Sequence[int], base: DetectorConfig | None,
                    panels_per_type: int, threads: int, run_methods: bool = True,
-                   progress: bool = False, tick: Callable[..., None] | None = None) -> dict:
+                   progress: bool = False, tick: Callable[..., None] | None = None,
+                   onnx: bool = False) -> dict:
     """One category's part of the bench: every method (unless `run_methods` is False) and
     every few-shot count in `shots`, on features extracted once (for all of `methods`).
     Plain data out, so that it can run as a Ray task: {"rows": {method: row or None},
@@ -389,6 +390,13 @@ def bench_category(data: Path, category: str, size: int, seed: int, cache_dir: P
             out["rows"][m] = None
         else:
             row, det, preds = run_method(m, cd, seed, size, ext, base=base)
+            if onnx:
+                try:
+                    with tempfile.TemporaryDirectory() as tmp:
+                        row["runtime"] = time_runtimes(det, cd, Path(tmp))
+                except ConfigError as exc:
+                    log.warning("%s: %s not timed in ONNX Runtime: %s", c, m, exc)
+                    row["runtime"] = {"error": str(exc)}
             out["rows"][m] = row
             if m == "cmad":  # per-branch maps for the figures, outside the timed loop
                 idx = _panel_indices(cd.test, panels_per_type)
@@ -464,7 +472,8 @@ def run_bench(
     bar = tqdm(total=len(cats) * (len(methods) + len(shots or []) * len(SHOT_METHODS)),
                desc="bench", disable=not progress)
     common = {"data": data, "size": size, "seed": seed, "cache_dir": cache_dir, "methods": methods,
-              "base": base, "panels_per_type": panels_per_type, "threads": threads}
+              "base": base, "panels_per_type": panels_per_type, "threads": threads,
+              "onnx": onnx}
     if executor == "local":
         outs = [bench_category(category=c, shots=shots or [], progress=progress,
                                tick=lambda c=c, m="": (bar.set_postfix(category=c, method=m),
@@ -496,13 +505,6 @@ def run_bench(
             res["categories"][c] = row["metrics"]
             res["per_defect"][c] = row["per_defect"]
             res.setdefault("decision", {})[c] = row["decision"]
-            if onnx:
-                try:
-                    with tempfile.TemporaryDirectory() as tmp:
-                        row["runtime"] = time_runtimes(det, cd, Path(tmp))
-                except ConfigError as exc:
-                    log.warning("%s: %s not timed in ONNX Runtime: %s", c, m, exc)
-                    row["runtime"] = {"error": str(exc)}
             per_method_eff[m].append(row)
         panels.extend(got["panels"])
         for k, by_method in got["shots"].items():
