@@ -42,10 +42,26 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 3
 CONFIG_NAME = "config.json"
+# The fields of config.json beside those of `DetectorCore.meta()`.
+BASE_META = ("format_version", "cmad_version", "tensors", "tensors_sha256", "config",
+             "extractor", "category", "xyz_scale")
 
 
 def modalities_of_sample(s: Sample) -> list[str]:
     return [m for m, a in (("rgb", s.rgb), ("xyz", s.xyz)) if a is not None]
+
+
+def cloud_scale(s: Sample) -> float | None:
+    """Median distance from the origin of a sample's valid points (its depth unit's scale),
+    or None for a sample without a point cloud."""
+    if s.xyz is None or not s.valid.any():
+        return None
+    return float(np.median(np.linalg.norm(s.xyz[s.valid].astype(np.float64), axis=1)))
+
+
+# A test cloud whose scale lies outside [lo / UNIT_FACTOR, hi * UNIT_FACTOR] of the training
+# clouds' scales is refused (another unit, e.g. millimetres instead of metres).
+UNIT_FACTOR = 4.0
 
 
 def pixel_area(prepared: Sequence[Prepared]) -> np.ndarray:
@@ -94,6 +110,9 @@ class Detector:
         self.report = FitReport()
         self.preprocessor = Preprocessor(self.config.preprocess, cache_dir=self.cache_dir)
         self._extractor = extractor
+        # (min, max) over the training clouds of `cloud_scale`; None: not known (RGB-only
+        # data, or a model fitted from features / saved before this was stored).
+        self.xyz_scale: tuple[float, float] | None = None
 
     # ---------------------------------------------------------------- what the model is
     @property
@@ -185,6 +204,8 @@ class Detector:
             raise ConfigError("no validation samples: fusion statistics need normal held-out data")
         modalities = modalities_of_sample(train[0])
         self.category = train[0].category
+        scales = [c for c in (cloud_scale(s) for s in train + val) if c is not None]
+        self.xyz_scale = (min(scales), max(scales)) if scales else None
         self.extractor_for(modalities)
         prep_train = self.prepare(train, progress=progress)
         prep_val = self.prepare(val, progress=progress)
@@ -224,6 +245,10 @@ class Detector:
         res = self.core.score(fm, pixel_area(prepared), branch_maps=branch_maps)
         preds = []
         for i, p in enumerate(prepared):
+            if not (np.isfinite(res.scores[i]) and np.isfinite(res.maps[i]).all()):
+                raise DataError(p.paths.xyz or p.paths.rgb or p.key,
+                                "cannot be scored: its anomaly score or map is NaN or inf "
+                                "(damaged input or a model that does not fit this data)")
             preds.append(Prediction(
                 score=float(res.scores[i]), anomaly_map=to_original(res.maps[i], p.geometry),
                 anomaly_map_work=res.maps[i],
@@ -241,6 +266,7 @@ class Detector:
         if not self.core.branches:
             raise RuntimeError("the detector has not been fitted or loaded")
         self._check_modalities(samples)
+        self._check_units(samples)
         out: list[Prediction] = []
         ms: dict[str, float] = {}
         bs = self.config.batch_size
@@ -273,6 +299,22 @@ class Detector:
                 raise DataError(smp.paths.rgb or smp.paths.xyz,
                                 f"the model needs {self.modalities}; this sample has {have}")
 
+    def _check_units(self, samples: Sequence[Sample]) -> None:
+        """Refuse a point cloud far off the training clouds' scale (another unit)."""
+        if self.xyz_scale is None or "xyz" not in self.modalities:
+            return
+        lo, hi = self.xyz_scale
+        for smp in samples:
+            c = cloud_scale(smp)
+            if c is None:
+                continue
+            if not lo / UNIT_FACTOR <= c <= hi * UNIT_FACTOR:
+                raise DataError(smp.paths.xyz or smp.key,
+                                f"points lie at a median distance of {c:.4g} from the origin, "
+                                f"the model's training clouds at {lo:.4g} to {hi:.4g}: a "
+                                "different unit (millimetres instead of metres?) or another "
+                                "sensor set-up; convert the cloud to the training data's unit")
+
     # ---------------------------------------------------------------- persistence
     def save(self, out_dir: str | Path) -> Path:
         """Write the model folder (see the module docstring); an old model there is replaced."""
@@ -290,6 +332,7 @@ class Detector:
             "config": self.config.to_dict(),
             "extractor": self.extractor.identity(self.core.needs),
             "category": self.category,
+            "xyz_scale": None if self.xyz_scale is None else list(self.xyz_scale),
             **self.core.meta(),
         }
         out.mkdir(parents=True, exist_ok=True)
@@ -339,9 +382,17 @@ class Detector:
                       cache_dir=cache_dir, rgb_runtime=rgb_runtime)
             det.core = DetectorCore.from_state(det.config, tensors, meta)
             det.category = str(meta.get("category", ""))
+            scale = meta.get("xyz_scale")
+            det.xyz_scale = None if scale is None else (float(scale[0]), float(scale[1]))
             saved_ext = meta["extractor"]
-        except (KeyError, TypeError, ValueError, RuntimeError, ConfigError) as exc:
+            known = set(BASE_META) | set(det.core.meta())
+            unknown = sorted(set(meta) - known)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError,
+                ConfigError) as exc:
             raise ModelFormatError(cfg_path, f"missing or bad field in model config: {exc}") from None
+        if unknown:
+            raise ModelFormatError(cfg_path, f"unknown field(s) {', '.join(unknown)} in model "
+                                   "config (written by another cmad version?)")
         ext = det.extractor_for(det.modalities)
         mine = ext.identity(det.core.needs)
         if json.dumps(mine, sort_keys=True, default=str) != json.dumps(saved_ext, sort_keys=True,

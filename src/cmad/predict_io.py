@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from cmad.data.io import atomic_folder, write_bytes_atomic, write_png_atomic, write_tiff_atomic
-from cmad.errors import DataError
+from cmad.errors import DataError, OutputError
 from cmad.types import Prediction, Sample, SamplePaths
 
 
@@ -69,6 +69,15 @@ def is_predict_output(folder: Path) -> bool:
     """True for a folder written by `write_outputs` (nothing else in it)."""
     names = {p.name for p in folder.iterdir()}
     return "scores.json" in names and names <= {"scores.json", "maps", "overlays", "masks"}
+
+
+def check_output_dir(out: Path) -> Path:
+    """Refuse an output path that `write_outputs` would refuse, before any work."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not is_predict_output(out))):
+        raise OutputError(out, "exists and is not an earlier output of `cmad predict`; "
+                               "choose a new or empty folder")
+    return out
 
 
 def write_outputs(out: Path, samples: Sequence[Sample], preds: Sequence[Prediction],

@@ -28,6 +28,7 @@ __all__ = [
     "image_size",
     "read_gt",
     "read_rgb",
+    "clean_cloud",
     "read_xyz",
     "write_atomic",
     "write_bytes_atomic",
@@ -101,11 +102,49 @@ def read_gt(path: str | Path) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
+# Coordinates beyond this many metres from the origin are never a real point.
+MAX_ABS_COORD = 1e6
+# A point farther from the cloud's median than this many times the median distance of the
+# points to it is a far outlier (a sensor glitch such as a finite 1e30), not part of the scene.
+FAR_FACTOR = 100.0
+
+
+def clean_cloud(xyz: np.ndarray, valid: np.ndarray, path: str | Path | None) -> None:
+    """Mark far outliers invalid in place (set to exactly 0) and refuse a cloud without any
+    valid point.
+
+    Far outliers are coordinates beyond `MAX_ABS_COORD` metres, and points farther from the
+    per-axis median of the valid points than `FAR_FACTOR` times the median distance of the
+    valid points to it. One warning per file (with the NaN/inf count of `read_xyz`)."""
+    if not valid.any():
+        raise DataError(path, "point cloud has no valid point (all NaN, inf or zero)")
+    pts = xyz[valid].astype(np.float64)
+    far = np.abs(pts).max(axis=1) > MAX_ABS_COORD
+    rest = pts[~far]
+    if len(rest):
+        centre = np.median(rest, axis=0)
+        dist = np.linalg.norm(pts - centre, axis=1)
+        spread = float(np.median(dist[~far]))
+        far |= dist > FAR_FACTOR * max(spread, 1e-9)
+    n_far = int(np.count_nonzero(far))
+    if n_far:
+        idx = np.flatnonzero(valid.ravel())[far]
+        valid.ravel()[idx] = False
+        xyz.reshape(-1, 3)[idx] = 0.0
+        logger.warning("%s: %d far outlier points (beyond %g m, or %g times the cloud's median "
+                       "spread from its median) marked invalid", path, n_far, MAX_ABS_COORD,
+                       FAR_FACTOR)
+    if not valid.any():
+        raise DataError(path, "point cloud has no valid point (all NaN, inf, zero or far "
+                              "outliers)")
+
+
 def read_xyz(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """Read an organized point cloud TIFF as (xyz float32 (H, W, 3), valid bool (H, W)).
 
-    NaN and inf points are invalid (one warning per file), and so are all-zero points;
-    every invalid point is set to exactly (0, 0, 0).
+    NaN and inf points are invalid (one warning per file), and so are all-zero points and
+    far outliers (`clean_cloud`); every invalid point is set to exactly (0, 0, 0). A cloud
+    without any valid point is a `DataError`.
     """
     path = Path(path)
     if not path.is_file():
@@ -118,7 +157,10 @@ def read_xyz(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(path, f"expected an H x W x 3 point cloud, got shape {arr.shape}")
     if not np.issubdtype(arr.dtype, np.floating):
         raise DataError(path, f"expected float coordinates in metres, got dtype {arr.dtype}")
-    xyz = np.ascontiguousarray(arr, dtype=np.float32)
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise DataError(path, f"empty point cloud of shape {arr.shape}")
+    with np.errstate(over="ignore", invalid="ignore"):
+        xyz = np.ascontiguousarray(arr, dtype=np.float32)
     finite = np.isfinite(xyz).all(axis=2)
     n_bad = int(finite.size - np.count_nonzero(finite))
     if n_bad:
@@ -127,6 +169,7 @@ def read_xyz(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         nonzero = np.any(xyz != 0, axis=2)
     valid = finite & nonzero
     xyz[~valid] = 0.0
+    clean_cloud(xyz, valid, path)
     return xyz, valid
 
 
