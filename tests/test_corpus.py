@@ -15,24 +15,15 @@ import pytest
 from typer.testing import CliRunner
 
 from cmad.cli import app
-from corpus import CASES, FAST, KINDS, Env
+from corpus import CASES, KINDS, Env
 
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def env(tiny_root, tmp_path_factory) -> Env:
-    import yaml
-
-    from cmad.data import open_dataset
-    from cmad.model.config import DetectorConfig
-    from cmad.pipeline import Detector
-
+def env(tiny_root, tiny_models) -> Env:
     cats = sorted(p.name for p in tiny_root.iterdir() if p.is_dir())
-    model = tmp_path_factory.mktemp("corpus-model") / "m"
-    cfg = DetectorConfig.from_dict(yaml.safe_load(FAST))
-    Detector(cfg).fit(open_dataset(tiny_root).category(cats[0]), progress=False).save(model)
-    return Env(root=tiny_root, category=cats[0], other=cats[1], model=model)
+    return Env(root=tiny_root, category=cats[0], other=cats[1], model=tiny_models[0])
 
 
 def _hashes(*roots: Path, skip: tuple[Path, ...] = ()) -> dict[Path, str]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cmad.data.io import atomic_folder
+from cmad.data.io import atomic_folder, recover_folder
 from cmad.errors import OutputError
 from cmad.metrics import compute_metrics, write_category_maps
 from cmad.types import Prediction
@@ -73,6 +73,7 @@ def check_maps_dir(out_dir: Path, category: str) -> Path:
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputError(out_dir, "--maps path is a file, not a folder")
     cat_dir = out_dir / category
+    recover_folder(cat_dir)
     if cat_dir.exists() and (not cat_dir.is_dir()
                              or (any(cat_dir.iterdir()) and not is_maps_output(cat_dir))):
         raise OutputError(cat_dir, "exists and holds other files than maps of an earlier "

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,11 +32,12 @@ from cmad import __version__
 from cmad.data.io import write_bytes_atomic
 from cmad.data.preprocess import Preprocessor, to_original
 from cmad.data.splits import select_shots, split_source
-from cmad.errors import ConfigError, DataError, ModelFormatError
+from cmad.errors import ConfigError, DataError, ModelFormatError, OutputError
 from cmad.features import FeatureExtractor, FeatureMaps
 from cmad.model.calibrate import calibration_set
 from cmad.model.config import DetectorConfig
 from cmad.model.core import DetectorCore, FitReport, feature_needs
+from cmad.runtime import pause_point
 from cmad.types import Prediction, Prepared, Sample
 
 log = logging.getLogger(__name__)
@@ -83,14 +85,23 @@ def check_model_dir(out: str | Path) -> Path:
         cfg = out / CONFIG_NAME
         ours = False
         try:
-            ours = "format_version" in json.loads(cfg.read_text()) and "cmad_version" in json.loads(
-                cfg.read_text())
+            meta = json.loads(cfg.read_text())
+            ours = "format_version" in meta and "cmad_version" in meta
         except (OSError, ValueError, TypeError):
             ours = False
+        if not ours and not cfg.exists():
+            # what a save killed before its config.json leaves: tensor and temporary files
+            ours = all(_is_save_leftover(p) for p in out.iterdir())
         if not ours:
             raise ConfigError(f"{out}: folder is not empty and holds no cmad model; refusing to "
                               "write into it (choose a new or empty folder)")
     return out
+
+
+def _is_save_leftover(p: Path) -> bool:
+    return p.is_file() and (re.fullmatch(r"model-[0-9a-f]{16}\.safetensors", p.name) is not None
+                            or re.fullmatch(r"\.(model-[0-9a-f]{16}\.safetensors|config\.json)"
+                                            r"\.[0-9a-f]+\.tmp", p.name) is not None)
 
 
 class Detector:
@@ -335,11 +346,16 @@ class Detector:
             "xyz_scale": None if self.xyz_scale is None else list(self.xyz_scale),
             **self.core.meta(),
         }
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(out, f"cannot create the model folder: {exc.strerror}") from None
         write_bytes_atomic(out / name, blob)
+        pause_point("save:tensors-written")
         write_bytes_atomic(out / CONFIG_NAME, json.dumps(meta, indent=2, sort_keys=True).encode())
-        for old in out.glob("model-*.safetensors"):
-            if old.name != name:
+        pause_point("save:config-written")
+        for old in out.iterdir():  # the previous tensors, temporary files of killed saves
+            if old.name not in (name, CONFIG_NAME) and _is_save_leftover(old):
                 old.unlink(missing_ok=True)
         return out
 

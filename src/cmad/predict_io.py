@@ -7,8 +7,15 @@ from pathlib import Path
 
 import numpy as np
 
-from cmad.data.io import atomic_folder, write_bytes_atomic, write_png_atomic, write_tiff_atomic
+from cmad.data.io import (
+    atomic_folder,
+    recover_folder,
+    write_bytes_atomic,
+    write_png_atomic,
+    write_tiff_atomic,
+)
 from cmad.errors import DataError, OutputError
+from cmad.runtime import pause_point
 from cmad.types import Prediction, Sample, SamplePaths
 
 
@@ -74,6 +81,7 @@ def is_predict_output(folder: Path) -> bool:
 def check_output_dir(out: Path) -> Path:
     """Refuse an output path that `write_outputs` would refuse, before any work."""
     out = Path(out)
+    recover_folder(out)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not is_predict_output(out))):
         raise OutputError(out, "exists and is not an earlier output of `cmad predict`; "
                                "choose a new or empty folder")
@@ -90,6 +98,7 @@ def write_outputs(out: Path, samples: Sequence[Sample], preds: Sequence[Predicti
         for s, p in zip(samples, preds):
             write_tiff_atomic(tmp / "maps" / f"{s.stem}.tiff", p.anomaly_map.astype(np.float32))
             write_png_atomic(tmp / "overlays" / f"{s.stem}.png", overlay(s.rgb, p.anomaly_map, threshold))
+            pause_point("predict:sample-written")
             rows.append({"stem": s.stem, "score": p.score, "anomalous": bool(p.score > threshold),
                          "rgb": str(s.paths.rgb) if s.paths.rgb else None,
                          "xyz": str(s.paths.xyz) if s.paths.xyz else None})

@@ -21,6 +21,7 @@ import tifffile
 from PIL import Image
 
 from cmad.errors import DataError, OutputError
+from cmad.runtime import pause_point
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ __all__ = [
     "write_png_atomic",
     "write_tiff_atomic",
     "atomic_folder",
+    "recover_folder",
 ]
 
 
@@ -238,6 +240,7 @@ def write_atomic(path: str | Path, write: Callable[[Path], None]) -> None:
         write(tmp)
         if stat.S_IMODE(os.stat(tmp).st_mode) != mode:
             os.chmod(tmp, mode)
+        pause_point("write:before-rename")
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
@@ -280,30 +283,60 @@ def atomic_folder(out: str | Path, is_ours: Callable[[Path], bool]) -> Iterator[
     """Build a folder whole, then put it in place: yields a fresh temporary sibling of `out`
     to write into; on success it replaces `out` (an earlier output that `is_ours` accepts),
     on any failure it is removed, so `out` is the old output or the new one, never a mix.
-    A non-empty `out` that `is_ours` rejects is refused before any work."""
+    A non-empty `out` that `is_ours` rejects is refused before any work.
+
+    The swap is two renames (`out` to a hidden `.old` sibling, the new folder to `out`). A
+    process killed between them leaves no `out` but the whole earlier output in the `.old`
+    sibling; the next run (or `recover_folder`) renames it back before doing anything, and
+    clears the hidden siblings of killed runs, so a rerun needs no manual cleanup."""
     out = Path(out)
+    recover_folder(out)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not is_ours(out))):
         raise OutputError(out, "exists and is not an earlier output of this command; "
                                "choose a new or empty folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out.parent.glob(f".{out.name}.*"):  # left by a killed earlier run
-        if stale.is_dir() and stale.suffix in (".tmp", ".old"):
-            shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    except OSError as exc:
+        raise OutputError(out, f"cannot write: {exc.strerror or exc}") from None
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())
+        pause_point("folder:built")
         old = None
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
             os.rmdir(old)
             os.replace(out, old)
+            pause_point("folder:old-moved")
         os.replace(tmp, out)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OutputError(out, f"cannot write: {exc.strerror or exc}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def recover_folder(out: str | Path) -> None:
+    """Undo what a killed `atomic_folder` left beside `out`: a whole earlier output moved to
+    a hidden `.old` sibling goes back to `out` when `out` is missing; half-built `.tmp`
+    siblings and leftover `.old` ones are removed."""
+    out = Path(out)
+    if not out.parent.is_dir():
+        return
+    stale = sorted(p for p in out.parent.glob(f".{out.name}.*")
+                   if p.is_dir() and not p.is_symlink() and p.suffix in (".tmp", ".old"))
+    olds = [p for p in stale if p.suffix == ".old"]
+    if olds and not out.exists() and not out.is_symlink():
+        os.replace(olds[-1], out)
+        logger.warning("%s: restored the earlier output that an interrupted run had moved "
+                       "aside", out)
+    for p in stale:
+        if p.exists():
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def _umask() -> int:

@@ -363,9 +363,10 @@ class PointwiseLinear(nn.Module):
 def _pointwise(conv: nn.Module) -> nn.Module:
     """`PointwiseLinear` for a plain 1 x 1 stride-1 unpadded convolution, else `conv` itself."""
     pad = getattr(conv, "static_padding", None)
-    if (isinstance(conv, nn.Conv2d) and conv.kernel_size == (1, 1) and conv.stride == (1, 1)
-            and conv.groups == 1 and conv.dilation == (1, 1) and tuple(conv.padding) == (0, 0)
-            and (pad is None or isinstance(pad, nn.Identity))):
+    if (isinstance(conv, nn.Conv2d) and tuple(conv.kernel_size) == (1, 1)
+            and tuple(conv.stride) == (1, 1) and conv.groups == 1
+            and tuple(conv.dilation) == (1, 1) and tuple(conv.padding) == (0, 0)
+            and (pad is None or type(pad).__name__ == "Identity")):
         return PointwiseLinear(conv)
     return conv
 
