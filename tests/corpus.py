@@ -11,7 +11,7 @@ import json
 import shutil
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -52,8 +52,7 @@ class Case:
     # paths (relative to the case folder) the command may write: left out of the check
     # that every input is byte-identical afterwards
     outputs: tuple[str, ...] = ("out",)
-    slow: bool = False
-    extra: dict = field(default_factory=dict)
+    slow: bool = False  # runs a whole fit or evaluate (seconds, not a fraction of one)
 
 
 CASES: list[Case] = []
