@@ -7,10 +7,12 @@ afterwards.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -72,3 +74,38 @@ def test_case(case, env, tmp_path, caplog):
     # a clean exit leaves no temporary file behind
     leftovers = [p for p in d.rglob("*") if p.name.startswith(".") and ".tmp" in p.name]
     assert not leftovers, leftovers
+
+
+def test_scoring_refuses_nan_instead_of_calling_it_normal(env):
+    """Whatever slips past the readers, a NaN score is an error naming the sample's file."""
+    from cmad.data import open_dataset
+    from cmad.errors import DataError
+    from cmad.pipeline import Detector
+
+    det = Detector.load(env.model)
+    sample = open_dataset(env.root).category(env.category).samples("test")[0]
+    prep = det.prepare([sample])
+    fm, _ = det.extractor.extract(prep)
+    preds, _ = det.predict_features(fm, prep)
+    assert np.isfinite(preds[0].score)
+    for t in fm.feats.values():
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+    with pytest.raises(DataError, match="cannot be scored") as err:
+        det.predict_features(fm, prep)
+    assert str(sample.paths.xyz) in str(err.value)
+
+
+def test_unit_check_uses_the_training_clouds_scale(env):
+    from cmad.data import open_dataset
+    from cmad.errors import DataError
+    from cmad.pipeline import Detector
+
+    det = Detector.load(env.model)
+    lo, hi = det.xyz_scale
+    assert 0 < lo <= hi < 10  # metres
+    sample = open_dataset(env.root).category(env.category).samples("test")[0]
+    det._check_units([sample])  # same unit: fine
+    mm = dataclasses.replace(sample, xyz=sample.xyz * 1000)
+    with pytest.raises(DataError, match="different unit"):
+        det._check_units([mm])
