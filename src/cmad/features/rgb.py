@@ -39,7 +39,7 @@ from cmad.errors import ConfigError, DataError, ModelFormatError
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2  # 2: 1 x 1 convolutions as matrix products (thread-independent)
+FORMAT_VERSION = 1
 ONNX_OPSET = 17
 RUNTIMES = ("torch", "onnx")
 
