@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 
 from cmad.cli import app
 from cmad.data.io import recover_folder
+from cmad.errors import OutputError
 from cmad.pipeline import Detector
 
 WORKER = Path(__file__).with_name("crash_worker.py")
@@ -151,3 +152,40 @@ def test_killed_predict_leaves_whole_or_absent_output(tiny_root, tiny_models, tm
         assert r.exit_code == 0, r.output
         assert _predict_state(out) == 2
         assert not _hidden_siblings(out)
+
+
+def test_failed_evaluate_maps_leave_the_old_maps(tiny_root, tiny_models, tmp_path, monkeypatch):
+    """`evaluate --maps` writes each category's folder whole: a failure half-way (here the
+    disk "fills" at the third map) leaves the earlier maps as they were, and no temporary
+    folder; a rerun then replaces them."""
+    import cmad.metrics as metrics
+
+    model = tiny_models[0]
+    cat = sorted(p.name for p in tiny_root.iterdir() if p.is_dir())[0]
+    maps = tmp_path / "maps"
+    argv = ["evaluate", "--model", str(model), "--data", str(tiny_root), "--category", cat,
+            "--maps", str(maps), "--threads", "1", "--json"]
+    runner = CliRunner()
+    assert runner.invoke(app, argv).exit_code == 0
+    before = {p: p.read_bytes() for p in sorted(maps.rglob("*.tiff"))}
+    assert len(before) > 3
+    (maps / "other").mkdir()  # another category's maps are never touched
+    (maps / "other" / "keep.txt").write_text("keep")
+    real = metrics.write_tiff_atomic
+    calls = []
+
+    def full_disk(path, arr):
+        calls.append(path)
+        if len(calls) == 3:
+            raise OutputError(path, "cannot write: No space left on device")
+        real(path, arr * 0 + 1)  # different content from the first run
+
+    monkeypatch.setattr(metrics, "write_tiff_atomic", full_disk)
+    r = runner.invoke(app, argv)
+    assert r.exit_code == 2 and "No space left" in r.output
+    assert {p: p.read_bytes() for p in sorted((maps / cat).rglob("*.tiff"))} == before
+    assert (maps / "other" / "keep.txt").read_text() == "keep"
+    assert not _hidden_siblings(maps / cat)
+    monkeypatch.setattr(metrics, "write_tiff_atomic", real)
+    assert runner.invoke(app, argv).exit_code == 0
+    assert sorted(p for p in (maps / cat).rglob("*.tiff")) == sorted(before)
