@@ -204,12 +204,13 @@ def evaluate(
     try:
         if maps is not None:
             check_maps_dir(maps, category)
+        cat = open_dataset(data).category(category)  # cheap checks before loading the model
         det = Detector.load(model, cache_dir=cache or default_cache_dir())
         if det.category and det.category != category:
             log.warning("%s: the model was fitted on category %r, not on --category %r; its "
                         "scores and threshold may not fit this category", model, det.category,
                         category)
-        test = open_dataset(data).category(category).samples("test")
+        test = cat.samples("test")
         preds = det.predict(test, progress=not as_json)
         gts = [s.gt for s in test]
         if resolution == "working":
