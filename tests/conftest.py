@@ -1,6 +1,7 @@
 from fixture_eyecandies import *  # noqa
 from fixture_model import *  # noqa
 from fixture_mvtec import *  # noqa
+from fixture_models import *  # noqa
 from fixture_synth import *  # noqa
 
 import pytest  # noqa: E402

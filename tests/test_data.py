@@ -142,6 +142,50 @@ def test_nan_points_invalid_with_one_warning(mvtec_like_root: Path,
     assert not caplog.records
 
 
+def test_far_outliers_invalid_with_one_warning(tmp_path: Path,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    from cmad.data.io import clean_cloud
+
+    rng = np.random.default_rng(0)
+    xyz = np.stack([rng.uniform(-0.05, 0.05, (20, 30)), rng.uniform(-0.05, 0.05, (20, 30)),
+                    rng.uniform(0.4, 0.5, (20, 30))], axis=2).astype(np.float32)
+    xyz[0, 0] = 1e30          # a finite glitch
+    xyz[1, 1] = (0, 0, 500)   # 500 m away from a part 0.45 m from the camera
+    xyz[2, 2] = -3e7
+    xyz[3, 3] = (0.1, 0.1, 0.9)  # far-ish but part of the scene: kept
+    path = tmp_path / "c.tiff"
+    tifffile.imwrite(path, xyz, photometric="rgb")
+    with caplog.at_level(logging.WARNING, logger="cmad.data.io"):
+        out, valid = read_xyz(path)
+    records = [r for r in caplog.records if str(path) in r.getMessage()]
+    assert len(records) == 1 and "3 far outlier" in records[0].getMessage()
+    assert not valid[0, 0] and not valid[1, 1] and not valid[2, 2] and valid[3, 3]
+    assert np.all(out[~valid] == 0) and valid.sum() == 20 * 30 - 3
+    # a cloud with nothing valid left is an error naming it
+    with pytest.raises(DataError, match="no valid point"):
+        clean_cloud(np.zeros((4, 4, 3), np.float32), np.zeros((4, 4), bool), path)
+    tifffile.imwrite(path, np.full((4, 4, 3), np.nan, np.float32), photometric="rgb")
+    with pytest.raises(DataError, match=f"{path}.*no valid point"):
+        read_xyz(path)
+
+
+def test_recover_folder_restores_a_moved_aside_output(tmp_path: Path) -> None:
+    from cmad.data.io import recover_folder
+
+    out = tmp_path / "out"
+    old = tmp_path / ".out.abc123.old"   # what a run killed between its renames leaves
+    old.mkdir()
+    (old / "scores.json").write_text("old")
+    half = tmp_path / ".out.def456.tmp"  # and a half-built folder
+    half.mkdir()
+    (half / "x").write_text("half")
+    recover_folder(out)
+    assert (out / "scores.json").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    recover_folder(out)  # nothing to do: nothing changes
+    assert (out / "scores.json").read_text() == "old"
+
+
 def test_readers_convert_modes(tmp_path: Path) -> None:
     grey = np.arange(12, dtype=np.uint8).reshape(3, 4) * 20
     Image.fromarray(grey).save(tmp_path / "l.png")

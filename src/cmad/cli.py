@@ -21,11 +21,22 @@ def _setup(quiet: bool = False, threads: int | None = None) -> None:
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     if threads is not None:
-        if threads < 1:
-            _fail(CmadError(f"--threads must be a positive integer, got {threads}"))
+        _positive("--threads", threads)
         from cmad.runtime import set_threads
 
         set_threads(threads)
+
+
+def _positive(name: str, value: int | None, minimum: int = 1) -> None:
+    """Refuse an option value below `minimum` (exit 2, naming the option)."""
+    if value is not None and value < minimum:
+        _fail(CmadError(f"{name} must be an integer >= {minimum}, got {value}"))
+
+
+def _size(name: str, value: int) -> None:
+    """Refuse a working resolution the detector cannot use (exit 2, naming the option)."""
+    if value < 32 or value % 8:
+        _fail(CmadError(f"{name} must be a multiple of 8 and at least 32, got {value}"))
 
 
 def _fail(exc: Exception) -> None:
@@ -70,12 +81,20 @@ def synth(
 ) -> None:
     """Generate a realistic synthetic dataset in the MVTec 3D-AD layout."""
     _setup(quiet)
+    _positive("--seed", seed, 0)
+    _positive("--train", train)
     from cmad import synth as synth_mod
+
+    if size not in synth_mod.SIZES:
+        _fail(CmadError(f"--size must be one of {', '.join(synth_mod.SIZES)}, got {size!r}"))
     from cmad.report.montage import montage as write_montage
 
     cats: int | list[str] | None = None
     if categories:
         cats = int(categories) if categories.isdigit() else [c.strip() for c in categories.split(",")]
+        if cats == 0 or (isinstance(cats, list) and not all(cats)):
+            _fail(CmadError(f"--categories: {categories!r} is not a positive number or a "
+                            "comma-separated list of names"))
     try:
         t = time.perf_counter()
         root = synth_mod.generate(out, categories=cats, seed=seed, size=size, progress=not quiet,
@@ -100,6 +119,10 @@ def features(
 ) -> None:
     """Milliseconds per sample of each feature stage (median after warm-up)."""
     _setup(quiet=as_json, threads=threads)
+    _positive("--limit", limit)
+    _size("--size", size)
+    if runtime not in ("torch", "onnx"):
+        _fail(CmadError(f"--runtime must be 'torch' or 'onnx', got {runtime!r}"))
     from cmad.bench import time_features
 
     try:
@@ -179,12 +202,19 @@ def evaluate(
         _fail(CmadError(f"--resolution must be 'original' or 'working', got {resolution!r}"))
     from cmad.cache import default_cache_dir
     from cmad.data import open_dataset
-    from cmad.evaluate import decision_rates, evaluate_predictions, export_maps
+    from cmad.evaluate import check_maps_dir, decision_rates, evaluate_predictions, export_maps
     from cmad.pipeline import Detector
 
     try:
+        if maps is not None:
+            check_maps_dir(maps, category)
+        cat = open_dataset(data).category(category)  # cheap checks before loading the model
         det = Detector.load(model, cache_dir=cache or default_cache_dir())
-        test = open_dataset(data).category(category).samples("test")
+        if det.category and det.category != category:
+            log.warning("%s: the model was fitted on category %r, not on --category %r; its "
+                        "scores and threshold may not fit this category", model, det.category,
+                        category)
+        test = cat.samples("test")
         preds = det.predict(test, progress=not as_json)
         gts = [s.gt for s in test]
         rates = decision_rates(det.decision, preds, gts)
@@ -251,11 +281,23 @@ def predict(
     """Score new samples; write anomaly maps (TIFF), defect masks and overlays (PNG) and
     scores.json (score, verdict, threshold, defect area per sample)."""
     _setup(quiet, threads)
+    if input_dir is not None and (rgb is not None or xyz is not None):
+        _fail(CmadError("--input: give either --input FOLDER or --rgb/--xyz files, not both"))
+    if input_dir is None and rgb is None and xyz is None:
+        _fail(CmadError("--input: give --input FOLDER or --rgb/--xyz files"))
     from cmad.executor import check_executor
     from cmad.export import load_predictor
-    from cmad.predict_io import collect_inputs, decide, input_files, predict_distributed, write_outputs
+    from cmad.predict_io import (
+        check_output_dir,
+        collect_inputs,
+        decide,
+        input_files,
+        predict_distributed,
+        write_outputs,
+    )
 
     try:
+        check_output_dir(out)
         check_executor(executor, address)
         if workers is not None and workers < 1:
             raise CmadError(f"--workers must be a positive integer, got {workers}")
@@ -429,6 +471,8 @@ def bench(
 ) -> None:
     """Fit and evaluate cmad, its branches and baselines on the same features; report."""
     _setup(quiet, threads)
+    _positive("--seed", seed, 0)
+    _size("--resolution", resolution)
     from cmad.bench import run_bench
 
     if scale is not None:
@@ -453,6 +497,8 @@ def bench(
         shot_list = [int(x) for x in shots.split(",")] if shots else None
     except ValueError:
         _fail(CmadError(f"--shots: {shots!r} is not a comma-separated list of integers"))
+    if shot_list is not None and min(shot_list) < 1:
+        _fail(CmadError(f"--shots: {shots!r}: every shot count must be an integer >= 1"))
     try:
         res = run_bench(
             data, out,
@@ -477,6 +523,7 @@ def demo(
 ) -> None:
     """Synthetic data -> fit -> evaluate every category -> table and report folder."""
     _setup(False, threads)
+    _positive("--seed", seed, 0)
     from cmad.bench import run_demo
 
     try:

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cmad.metrics import compute_metrics, write_anomaly_maps
+from cmad.data.io import atomic_folder, recover_folder
+from cmad.errors import OutputError
+from cmad.metrics import compute_metrics, write_category_maps
 from cmad.model.decision import Decision
 from cmad.types import Prediction
 
@@ -84,10 +86,39 @@ def decision_rates(decision: Decision, preds: Sequence[Prediction],
     }
 
 
+def is_maps_output(cat_dir: Path) -> bool:
+    """True for a category folder written by `export_maps`: test/<defect>/<stem>.tiff only."""
+    test = cat_dir / "test"
+    if {p.name for p in cat_dir.iterdir()} != {"test"} or not test.is_dir():
+        return False
+    return all(d.is_dir() and all(f.suffix == ".tiff" and f.is_file() for f in d.iterdir())
+               for d in test.iterdir())
+
+
+def check_maps_dir(out_dir: Path, category: str) -> Path:
+    """Refuse a maps folder that cannot take this category's maps, before any work."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(out_dir, "--maps path is a file, not a folder")
+    cat_dir = out_dir / category
+    recover_folder(cat_dir)
+    if cat_dir.exists() and (not cat_dir.is_dir()
+                             or (any(cat_dir.iterdir()) and not is_maps_output(cat_dir))):
+        raise OutputError(cat_dir, "exists and holds other files than maps of an earlier "
+                                   "`evaluate --maps`; choose a new or empty folder")
+    return cat_dir
+
+
 def export_maps(out_dir: Path, category: str, preds: Sequence[Prediction]) -> list[Path]:
-    """Write float32 TIFF maps at original size in the official layout."""
+    """Write float32 TIFF maps at original size in the official layout
+    `<out>/<category>/test/<defect>/<stem>.tiff`. The category's folder is built whole in a
+    hidden sibling and renamed into place (earlier maps of that category are replaced;
+    other categories' folders are left alone)."""
+    cat_dir = check_maps_dir(out_dir, category)
     items = []
     for p in preds:
         defect, stem = p.key.split("/")[-2:]
         items.append((defect, stem, p.anomaly_map.astype(np.float32)))
-    return write_anomaly_maps(out_dir, category, items)
+    with atomic_folder(cat_dir, is_maps_output) as tmp:
+        written = write_category_maps(tmp, items)
+    return [cat_dir / w.relative_to(tmp) for w in written]

@@ -325,7 +325,13 @@ def write_anomaly_maps(
     items: (defect_type, stem, map (H, W)), maps at the ORIGINAL image size. Each file is
     written to a temporary file and renamed into place. Returns the written paths in order.
     """
-    root = Path(out_dir) / _check_name(category, "category") / "test"
+    return write_category_maps(Path(out_dir) / _check_name(category, "category"), items)
+
+
+def write_category_maps(cat_dir: str | Path,
+                        items: Iterable[tuple[str, str, np.ndarray]]) -> list[Path]:
+    """`write_anomaly_maps` into one category's folder: `<cat_dir>/test/<defect>/<stem>.tiff`."""
+    root = Path(cat_dir) / "test"
     written: list[Path] = []
     seen: set[Path] = set()
     for defect_type, stem, amap in items:

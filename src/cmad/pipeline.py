@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,12 +32,13 @@ from cmad import __version__
 from cmad.data.io import write_bytes_atomic
 from cmad.data.preprocess import Preprocessor, to_original
 from cmad.data.splits import select_shots, split_source
-from cmad.errors import ConfigError, DataError, ModelFormatError
+from cmad.errors import ConfigError, DataError, ModelFormatError, OutputError
 from cmad.features import FeatureExtractor, FeatureMaps
 from cmad.model.calibrate import calibration_set
 from cmad.model.config import DetectorConfig
 from cmad.model.core import DetectorCore, FitReport, feature_needs
 from cmad.model.decision import Decision
+from cmad.runtime import pause_point
 from cmad.types import Prediction, Prepared, Sample
 
 log = logging.getLogger(__name__)
@@ -46,10 +48,26 @@ FORMAT_VERSION = 4
 # loads; saving it again writes format 4
 READ_VERSIONS = (3, 4)
 CONFIG_NAME = "config.json"
+# The fields of config.json beside those of `DetectorCore.meta()`.
+BASE_META = ("format_version", "cmad_version", "tensors", "tensors_sha256", "config",
+             "extractor", "category", "xyz_scale")
 
 
 def modalities_of_sample(s: Sample) -> list[str]:
     return [m for m, a in (("rgb", s.rgb), ("xyz", s.xyz)) if a is not None]
+
+
+def cloud_scale(s: Sample) -> float | None:
+    """Median distance from the origin of a sample's valid points (its depth unit's scale),
+    or None for a sample without a point cloud."""
+    if s.xyz is None or not s.valid.any():
+        return None
+    return float(np.median(np.linalg.norm(s.xyz[s.valid].astype(np.float64), axis=1)))
+
+
+# A test cloud whose scale lies outside [lo / UNIT_FACTOR, hi * UNIT_FACTOR] of the training
+# clouds' scales is refused (another unit, e.g. millimetres instead of metres).
+UNIT_FACTOR = 4.0
 
 
 def pixel_area(prepared: Sequence[Prepared]) -> np.ndarray:
@@ -71,14 +89,23 @@ def check_model_dir(out: str | Path) -> Path:
         cfg = out / CONFIG_NAME
         ours = False
         try:
-            ours = "format_version" in json.loads(cfg.read_text()) and "cmad_version" in json.loads(
-                cfg.read_text())
+            meta = json.loads(cfg.read_text())
+            ours = "format_version" in meta and "cmad_version" in meta
         except (OSError, ValueError, TypeError):
             ours = False
+        if not ours and not cfg.exists():
+            # what a save killed before its config.json leaves: tensor and temporary files
+            ours = all(_is_save_leftover(p) for p in out.iterdir())
         if not ours:
             raise ConfigError(f"{out}: folder is not empty and holds no cmad model; refusing to "
                               "write into it (choose a new or empty folder)")
     return out
+
+
+def _is_save_leftover(p: Path) -> bool:
+    return p.is_file() and (re.fullmatch(r"model-[0-9a-f]{16}\.safetensors", p.name) is not None
+                            or re.fullmatch(r"\.(model-[0-9a-f]{16}\.safetensors|config\.json)"
+                                            r"\.[0-9a-f]+\.tmp", p.name) is not None)
 
 
 class Detector:
@@ -98,6 +125,9 @@ class Detector:
         self.report = FitReport()
         self.preprocessor = Preprocessor(self.config.preprocess, cache_dir=self.cache_dir)
         self._extractor = extractor
+        # (min, max) over the training clouds of `cloud_scale`; None: not known (RGB-only
+        # data, or a model fitted from features / saved before this was stored).
+        self.xyz_scale: tuple[float, float] | None = None
 
     # ---------------------------------------------------------------- what the model is
     @property
@@ -195,6 +225,8 @@ class Detector:
             raise ConfigError("no validation samples: fusion statistics need normal held-out data")
         modalities = modalities_of_sample(train[0])
         self.category = train[0].category
+        scales = [c for c in (cloud_scale(s) for s in train + val) if c is not None]
+        self.xyz_scale = (min(scales), max(scales)) if scales else None
         self.extractor_for(modalities)
         prep_train = self.prepare(train, progress=progress)
         prep_val = self.prepare(val, progress=progress)
@@ -234,6 +266,10 @@ class Detector:
         res = self.core.score(fm, pixel_area(prepared), branch_maps=branch_maps)
         preds = []
         for i, p in enumerate(prepared):
+            if not (np.isfinite(res.scores[i]) and np.isfinite(res.maps[i]).all()):
+                raise DataError(p.paths.xyz or p.paths.rgb or p.key,
+                                "cannot be scored: its anomaly score or map is NaN or inf "
+                                "(damaged input or a model that does not fit this data)")
             preds.append(Prediction(
                 score=float(res.scores[i]), anomaly_map=to_original(res.maps[i], p.geometry),
                 anomaly_map_work=res.maps[i],
@@ -251,6 +287,7 @@ class Detector:
         if not self.core.branches:
             raise RuntimeError("the detector has not been fitted or loaded")
         self._check_modalities(samples)
+        self._check_units(samples)
         out: list[Prediction] = []
         ms: dict[str, float] = {}
         bs = self.config.batch_size
@@ -317,6 +354,22 @@ class Detector:
                 raise DataError(smp.paths.rgb or smp.paths.xyz,
                                 f"the model needs {self.modalities}; this sample has {have}")
 
+    def _check_units(self, samples: Sequence[Sample]) -> None:
+        """Refuse a point cloud far off the training clouds' scale (another unit)."""
+        if self.xyz_scale is None or "xyz" not in self.modalities:
+            return
+        lo, hi = self.xyz_scale
+        for smp in samples:
+            c = cloud_scale(smp)
+            if c is None:
+                continue
+            if not lo / UNIT_FACTOR <= c <= hi * UNIT_FACTOR:
+                raise DataError(smp.paths.xyz or smp.key,
+                                f"points lie at a median distance of {c:.4g} from the origin, "
+                                f"the model's training clouds at {lo:.4g} to {hi:.4g}: a "
+                                "different unit (millimetres instead of metres?) or another "
+                                "sensor set-up; convert the cloud to the training data's unit")
+
     # ---------------------------------------------------------------- persistence
     def save(self, out_dir: str | Path) -> Path:
         """Write the model folder (see the module docstring); an old model there is replaced."""
@@ -334,13 +387,19 @@ class Detector:
             "config": self.config.to_dict(),
             "extractor": self.extractor.identity(self.core.needs),
             "category": self.category,
+            "xyz_scale": None if self.xyz_scale is None else list(self.xyz_scale),
             **self.core.meta(),
         }
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(out, f"cannot create the model folder: {exc.strerror}") from None
         write_bytes_atomic(out / name, blob)
+        pause_point("save:tensors-written")
         write_bytes_atomic(out / CONFIG_NAME, json.dumps(meta, indent=2, sort_keys=True).encode())
-        for old in out.glob("model-*.safetensors"):
-            if old.name != name:
+        pause_point("save:config-written")
+        for old in out.iterdir():  # the previous tensors, temporary files of killed saves
+            if old.name not in (name, CONFIG_NAME) and _is_save_leftover(old):
                 old.unlink(missing_ok=True)
         return out
 
@@ -384,9 +443,17 @@ class Detector:
                       cache_dir=cache_dir, rgb_runtime=rgb_runtime)
             det.core = DetectorCore.from_state(det.config, tensors, meta)
             det.category = str(meta.get("category", ""))
+            scale = meta.get("xyz_scale")
+            det.xyz_scale = None if scale is None else (float(scale[0]), float(scale[1]))
             saved_ext = meta["extractor"]
-        except (KeyError, TypeError, ValueError, RuntimeError, ConfigError) as exc:
+            known = set(BASE_META) | set(det.core.meta())
+            unknown = sorted(set(meta) - known)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError,
+                ConfigError) as exc:
             raise ModelFormatError(cfg_path, f"missing or bad field in model config: {exc}") from None
+        if unknown:
+            raise ModelFormatError(cfg_path, f"unknown field(s) {', '.join(unknown)} in model "
+                                   "config (written by another cmad version?)")
         ext = det.extractor_for(det.modalities)
         mine = ext.identity(det.core.needs)
         if json.dumps(mine, sort_keys=True, default=str) != json.dumps(saved_ext, sort_keys=True,

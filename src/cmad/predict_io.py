@@ -8,9 +8,16 @@ from pathlib import Path
 
 import numpy as np
 
-from cmad.data.io import atomic_folder, write_bytes_atomic, write_png_atomic, write_tiff_atomic
-from cmad.errors import DataError
+from cmad.data.io import (
+    atomic_folder,
+    recover_folder,
+    write_bytes_atomic,
+    write_png_atomic,
+    write_tiff_atomic,
+)
+from cmad.errors import DataError, OutputError
 from cmad.model.decision import Decision
+from cmad.runtime import pause_point
 from cmad.types import Prediction, Sample, SamplePaths
 
 
@@ -225,6 +232,16 @@ def is_predict_output(folder: Path) -> bool:
     return "scores.json" in names and names <= {"scores.json", "maps", "overlays", "masks"}
 
 
+def check_output_dir(out: Path) -> Path:
+    """Refuse an output path that `write_outputs` would refuse, before any work."""
+    out = Path(out)
+    recover_folder(out)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not is_predict_output(out))):
+        raise OutputError(out, "exists and is not an earlier output of `cmad predict`; "
+                               "choose a new or empty folder")
+    return out
+
+
 def write_outputs(out: Path, samples: Sequence[Sample], preds: Sequence[Prediction],
                   decision: Decision) -> Path:
     """maps/<stem>.tiff (float32, original size), masks/<stem>.png (the predicted defect,
@@ -240,6 +257,7 @@ def write_outputs(out: Path, samples: Sequence[Sample], preds: Sequence[Predicti
             write_png_atomic(tmp / "masks" / f"{s.stem}.png", mask.astype(np.uint8) * 255)
             write_png_atomic(tmp / "overlays" / f"{s.stem}.png",
                              overlay(s.rgb, p.anomaly_map, decision, p.score))
+            pause_point("predict:sample-written")
             rows.append({"stem": s.stem, **v.row(),
                          "map": f"maps/{s.stem}.tiff", "mask": f"masks/{s.stem}.png",
                          "overlay": f"overlays/{s.stem}.png",

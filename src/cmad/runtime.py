@@ -24,3 +24,18 @@ def set_threads(threads: int | None) -> None:
 def thread_limit() -> int | None:
     """The limit set by `set_threads`, or None."""
     return _LIMIT
+
+
+def pause_point(name: str) -> None:
+    """A test hook for crash tests: when the environment variable CMAD_TEST_PAUSE_AT equals
+    `name`, write `name` to the file CMAD_TEST_PAUSE_FILE and sleep, so that a test can kill
+    the process at exactly this point. Does nothing otherwise."""
+    import os
+
+    if os.environ.get("CMAD_TEST_PAUSE_AT") != name:
+        return
+    import time
+    from pathlib import Path
+
+    Path(os.environ["CMAD_TEST_PAUSE_FILE"]).write_text(name)
+    time.sleep(float(os.environ.get("CMAD_TEST_PAUSE_S", "600")))

@@ -52,7 +52,7 @@ import yaml
 from PIL import Image
 from tqdm import tqdm
 
-from cmad.data.io import read_gt, read_rgb
+from cmad.data.io import clean_cloud, read_gt, read_rgb
 from cmad.errors import ConfigError, DataError
 from cmad.types import Sample, SamplePaths
 
@@ -391,6 +391,7 @@ class EyecandiesCategory:
                                           f"{ref.rgb_path.name} {_wh(size)}")
         depth = dequantise_depth(q, lo, hi, self.options.depth_scale)
         xyz, valid = unproject(depth, self.options.focal_length)
+        clean_cloud(xyz, valid, ref.xyz_path)
         gt_values: np.ndarray | None = None
         if ref.gt_path is not None:
             gt_values = read_gt(ref.gt_path)

@@ -22,6 +22,7 @@ import tifffile
 from PIL import Image
 
 from cmad.errors import DataError, OutputError
+from cmad.runtime import pause_point
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +30,7 @@ __all__ = [
     "image_size",
     "read_gt",
     "read_rgb",
+    "clean_cloud",
     "read_xyz",
     "png_bytes",
     "tiff_bytes",
@@ -37,6 +39,7 @@ __all__ = [
     "write_png_atomic",
     "write_tiff_atomic",
     "atomic_folder",
+    "recover_folder",
 ]
 
 
@@ -111,11 +114,49 @@ def read_gt(path: str | Path) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
+# Coordinates beyond this many metres from the origin are never a real point.
+MAX_ABS_COORD = 1e6
+# A point farther from the cloud's median than this many times the median distance of the
+# points to it is a far outlier (a sensor glitch such as a finite 1e30), not part of the scene.
+FAR_FACTOR = 100.0
+
+
+def clean_cloud(xyz: np.ndarray, valid: np.ndarray, path: str | Path | None) -> None:
+    """Mark far outliers invalid in place (set to exactly 0) and refuse a cloud without any
+    valid point.
+
+    Far outliers are coordinates beyond `MAX_ABS_COORD` metres, and points farther from the
+    per-axis median of the valid points than `FAR_FACTOR` times the median distance of the
+    valid points to it. One warning per file (with the NaN/inf count of `read_xyz`)."""
+    if not valid.any():
+        raise DataError(path, "point cloud has no valid point (all NaN, inf or zero)")
+    pts = xyz[valid].astype(np.float64)
+    far = np.abs(pts).max(axis=1) > MAX_ABS_COORD
+    rest = pts[~far]
+    if len(rest):
+        centre = np.median(rest, axis=0)
+        dist = np.linalg.norm(pts - centre, axis=1)
+        spread = float(np.median(dist[~far]))
+        far |= dist > FAR_FACTOR * max(spread, 1e-9)
+    n_far = int(np.count_nonzero(far))
+    if n_far:
+        idx = np.flatnonzero(valid.ravel())[far]
+        valid.ravel()[idx] = False
+        xyz.reshape(-1, 3)[idx] = 0.0
+        logger.warning("%s: %d far outlier points (beyond %g m, or %g times the cloud's median "
+                       "spread from its median) marked invalid", path, n_far, MAX_ABS_COORD,
+                       FAR_FACTOR)
+    if not valid.any():
+        raise DataError(path, "point cloud has no valid point (all NaN, inf, zero or far "
+                              "outliers)")
+
+
 def read_xyz(path: str | Path, data: bytes | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Read an organized point cloud TIFF as (xyz float32 (H, W, 3), valid bool (H, W)).
 
-    NaN and inf points are invalid (one warning per file), and so are all-zero points;
-    every invalid point is set to exactly (0, 0, 0). `data`: as for `read_rgb`.
+    NaN and inf points are invalid (one warning per file), and so are all-zero points and
+    far outliers (`clean_cloud`); every invalid point is set to exactly (0, 0, 0). A cloud
+    without any valid point is a `DataError`. `data`: as for `read_rgb`.
     """
     path = Path(path)
     if data is None and not path.is_file():
@@ -128,7 +169,10 @@ def read_xyz(path: str | Path, data: bytes | None = None) -> tuple[np.ndarray, n
         raise DataError(path, f"expected an H x W x 3 point cloud, got shape {arr.shape}")
     if not np.issubdtype(arr.dtype, np.floating):
         raise DataError(path, f"expected float coordinates in metres, got dtype {arr.dtype}")
-    xyz = np.ascontiguousarray(arr, dtype=np.float32)
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise DataError(path, f"empty point cloud of shape {arr.shape}")
+    with np.errstate(over="ignore", invalid="ignore"):
+        xyz = np.ascontiguousarray(arr, dtype=np.float32)
     finite = np.isfinite(xyz).all(axis=2)
     n_bad = int(finite.size - np.count_nonzero(finite))
     if n_bad:
@@ -137,6 +181,7 @@ def read_xyz(path: str | Path, data: bytes | None = None) -> tuple[np.ndarray, n
         nonzero = np.any(xyz != 0, axis=2)
     valid = finite & nonzero
     xyz[~valid] = 0.0
+    clean_cloud(xyz, valid, path)
     return xyz, valid
 
 
@@ -205,6 +250,7 @@ def write_atomic(path: str | Path, write: Callable[[Path], None]) -> None:
         write(tmp)
         if stat.S_IMODE(os.stat(tmp).st_mode) != mode:
             os.chmod(tmp, mode)
+        pause_point("write:before-rename")
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
@@ -262,30 +308,60 @@ def atomic_folder(out: str | Path, is_ours: Callable[[Path], bool]) -> Iterator[
     """Build a folder whole, then put it in place: yields a fresh temporary sibling of `out`
     to write into; on success it replaces `out` (an earlier output that `is_ours` accepts),
     on any failure it is removed, so `out` is the old output or the new one, never a mix.
-    A non-empty `out` that `is_ours` rejects is refused before any work."""
+    A non-empty `out` that `is_ours` rejects is refused before any work.
+
+    The swap is two renames (`out` to a hidden `.old` sibling, the new folder to `out`). A
+    process killed between them leaves no `out` but the whole earlier output in the `.old`
+    sibling; the next run (or `recover_folder`) renames it back before doing anything, and
+    clears the hidden siblings of killed runs, so a rerun needs no manual cleanup."""
     out = Path(out)
+    recover_folder(out)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not is_ours(out))):
         raise OutputError(out, "exists and is not an earlier output of this command; "
                                "choose a new or empty folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out.parent.glob(f".{out.name}.*"):  # left by a killed earlier run
-        if stale.is_dir() and stale.suffix in (".tmp", ".old"):
-            shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    except OSError as exc:
+        raise OutputError(out, f"cannot write: {exc.strerror or exc}") from None
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())
+        pause_point("folder:built")
         old = None
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
             os.rmdir(old)
             os.replace(out, old)
+            pause_point("folder:old-moved")
         os.replace(tmp, out)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OutputError(out, f"cannot write: {exc.strerror or exc}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def recover_folder(out: str | Path) -> None:
+    """Undo what a killed `atomic_folder` left beside `out`: a whole earlier output moved to
+    a hidden `.old` sibling goes back to `out` when `out` is missing; half-built `.tmp`
+    siblings and leftover `.old` ones are removed."""
+    out = Path(out)
+    if not out.parent.is_dir():
+        return
+    stale = sorted(p for p in out.parent.glob(f".{out.name}.*")
+                   if p.is_dir() and not p.is_symlink() and p.suffix in (".tmp", ".old"))
+    olds = [p for p in stale if p.suffix == ".old"]
+    if olds and not out.exists() and not out.is_symlink():
+        os.replace(olds[-1], out)
+        logger.warning("%s: restored the earlier output that an interrupted run had moved "
+                       "aside", out)
+    for p in stale:
+        if p.exists():
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def _umask() -> int:

@@ -194,6 +194,15 @@ class Category:
                 self._class_ids = parse_class_ids(raw, path)
         return self._class_ids
 
+    def _check_class_ids(self) -> None:
+        """Reading samples does not need class_ids.json; a broken one is warned about once."""
+        if self._class_ids is None and not getattr(self, "_class_ids_warned", False):
+            try:
+                self.class_ids  # noqa: B018 - parse it once
+            except DataError as exc:
+                self._class_ids_warned = True
+                logger.warning("%s (ignored: the samples are read without it)", exc)
+
     @property
     def defect_types(self) -> list[str]:
         """The defect-type folders of test/ (sorted), without `good`."""
@@ -328,6 +337,7 @@ class Category:
                 progress: bool = False) -> list[Sample]:
         """Load the samples of a split (the first `limit` of them, in stem order)."""
         refs = self.refs(split)
+        self._check_class_ids()
         if limit is not None:
             refs = refs[:limit]
         it = tqdm(refs, desc=f"load {self.name}/{split}", disable=not progress, leave=False)

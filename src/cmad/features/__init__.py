@@ -37,6 +37,11 @@ from cmad.types import Prepared
 
 log = logging.getLogger(__name__)
 
+# Bump when the code computes (slightly) different features under an unchanged identity:
+# cached entries are then recomputed, while models saved before still load. "2": the CNN's
+# 1 x 1 convolutions as matrix products (thread-independent; features move by <= 2.4e-5).
+CACHE_VERSION = "2"
+
 # Bump when colour statistics or geometric context change what they compute.
 PATCH_STATS_VERSION = "1"
 GEOMETRY_CONTEXT = ("height_mm", "radial", "slope")
@@ -238,7 +243,7 @@ class FeatureExtractor:
             return None
         if not files:
             return None
-        key = key_of([p.key, files, prep_digest, self.identity()])
+        key = key_of([p.key, files, prep_digest, self.identity(), CACHE_VERSION])
         return entry_path(self.cache_dir, "features", key)
 
     def extract(self, batch: Sequence[Prepared], prep_digest: str | None = None

@@ -19,6 +19,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from cmad.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -36,6 +38,16 @@ class AlignConfig:
     patience: int = 5
     max_train_patches: int = 200000
     residual_norm: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("hidden", "latent", "epochs", "batch_size", "patience", "max_train_patches"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0 or self.weight_decay < 0:
+            raise ConfigError(f"lr must be > 0 and weight_decay >= 0, got {self.lr}, "
+                              f"{self.weight_decay}")
+        if self.variant not in ("mapping", "latent"):
+            raise ConfigError(f"variant must be 'mapping' or 'latent', got {self.variant!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
