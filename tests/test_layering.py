@@ -22,8 +22,9 @@ LAYERS = {
     "export": 5,
     "report": 5,
     "bench": 6,
+    "costcurve": 7,
     "serve": 6,
-    "cli": 7,
+    "cli": 8,
 }
 BASE = {"errors", "types", "configs", "cache", "runtime", "executor", "__init__"}
 
