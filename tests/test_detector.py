@@ -45,7 +45,7 @@ def test_fit_predict_shapes_and_branches(fitted, category):
         assert p.anomaly_map.shape == s.size
         assert p.anomaly_map.dtype == np.float32
         assert p.anomaly_map_work.shape == (SIZE, SIZE)
-        assert set(p.branch_maps) == {"align", "joint_bank", "rgb_bank", "xyz_bank"}
+        assert set(p.branch_maps) == set(DetectorConfig().branches)
         assert np.isfinite(p.score) and np.isfinite(p.anomaly_map).all()
     assert abs(sum(fitted.weights.values()) - 1.0) < 1e-6
     assert set(timings) >= {"preprocess", "rgb_features", "colour_stats", "xyz_features",

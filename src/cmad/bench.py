@@ -41,48 +41,37 @@ log = logging.getLogger(__name__)
 
 # name -> (config overrides, description)
 METHODS: dict[str, tuple[dict, str]] = {
-    "cmad": ({}, "full method: latent alignment + light joint bank (half the weight) "
-                 "+ light RGB and FPFH banks, int4"),
-    "align": ({"branches": ("align",)},
-              "learned cross-modal alignment alone (shared latent, colour vs FPFH+context)"),
-    "align-map": ({"branches": ("align",), "align": {"variant": "mapping", "hidden": 256},
-                   "align_app": ("rgb", "colour")},
-                  "CFM-style MLP mapping between CNN+colour and FPFH+context features, alone"),
-    "joint-bank": ({"branches": ("joint_bank",)},
-                   "light joint RGB+FPFH bank alone (cross-modal co-occurrence), 6% coreset, int4"),
-    "rgb-bank": ({"branches": ("rgb_bank",)}, "light RGB memory bank alone"),
-    "xyz-bank": ({"branches": ("xyz_bank",)}, "light FPFH memory bank alone"),
-    "banks": ({"branches": ("rgb_bank", "xyz_bank")}, "both light per-modality banks"),
-    "cross-modal": ({"branches": ("align", "joint_bank")}, "both cross-modal branches"),
-    "align+rgb": ({"branches": ("align", "rgb_bank")}, "alignment + RGB bank"),
-    "align+xyz": ({"branches": ("align", "xyz_bank")}, "alignment + FPFH bank"),
-    "joint+rgb": ({"branches": ("joint_bank", "rgb_bank")}, "joint bank + RGB bank"),
-    "joint+xyz": ({"branches": ("joint_bank", "xyz_bank")}, "joint bank + FPFH bank"),
-    "cmad-no-align": ({"branches": ("joint_bank", "rgb_bank", "xyz_bank")},
-                      "cmad without the learned alignment"),
-    "cmad-no-joint": ({"branches": ("align", "rgb_bank", "xyz_bank")},
-                      "cmad without the joint bank"),
-    "cmad-no-rgb": ({"branches": ("align", "joint_bank", "xyz_bank")}, "cmad without the RGB bank"),
-    "cmad-no-xyz": ({"branches": ("align", "joint_bank", "rgb_bank")}, "cmad without the FPFH bank"),
-    "cmad-equal": ({"weights": "equal"}, "cmad with equal branch weights (the joint bank a quarter)"),
-    "cmad-auto": ({"weights": "auto"},
-                  "cmad with weights chosen on validation normals with pasted defects"),
+    "cmad": ({}, "full method: dense cross-modal mapping (RGB CNN features <-> CNN features of "
+                 "the rendered geometry) + light joint RGB+FPFH bank + light RGB bank, equal "
+                 "weights, int4 banks"),
+    "cmad-v1": ({"branches": ("align", "joint_bank", "rgb_bank", "xyz_bank"), "weights": "joint"},
+                "the previous default: latent alignment + joint bank (half) + RGB and FPFH banks"),
     "mapping": ({"branches": ("mapping",)},
                 "dense cross-modal mapping alone: RGB CNN features <-> CNN features of the "
                 "rendered geometry, both directions"),
-    "mapping-fpfh": ({"branches": ("mapping",), "mapping_b": ("geom", "xyz")},
-                     "the mapping with FPFH beside the geometry features"),
+    "joint-bank": ({"branches": ("joint_bank",)},
+                   "light joint RGB+FPFH bank alone (cross-modal co-occurrence), 6% coreset, int4"),
+    "rgb-bank": ({"branches": ("rgb_bank",)}, "light RGB memory bank alone"),
     "geom-bank": ({"branches": ("geom_bank",)},
                   "light bank of the rendered geometry's CNN features alone (3D only)"),
-    "v2-mj-r": ({"branches": ("mapping", "joint_bank", "rgb_bank")},
-                "mapping + joint bank (half) + RGB bank"),
-    "v2-mjrg": ({"branches": ("mapping", "joint_bank", "rgb_bank", "geom_bank")},
-                "mapping + joint bank (half) + RGB bank + geometry bank"),
-    "v2-mr": ({"branches": ("mapping", "rgb_bank")}, "mapping + RGB bank (no FPFH)"),
-    "v2-mrg": ({"branches": ("mapping", "rgb_bank", "geom_bank")},
-               "mapping + RGB bank + geometry bank (no FPFH)"),
-    "v2-all": ({"branches": ("mapping", "align", "joint_bank", "rgb_bank", "xyz_bank")},
-               "mapping + today's four branches"),
+    "xyz-bank": ({"branches": ("xyz_bank",)}, "light FPFH memory bank alone (3D only)"),
+    "align": ({"branches": ("align",)},
+              "learned cross-modal alignment alone (shared latent, colour vs FPFH+context)"),
+    "cmad-no-mapping": ({"branches": ("joint_bank", "rgb_bank")}, "cmad without the mapping"),
+    "cmad-no-joint": ({"branches": ("mapping", "rgb_bank")},
+                      "cmad without the joint bank (no FPFH at all)"),
+    "cmad-no-rgb": ({"branches": ("mapping", "joint_bank")}, "cmad without the RGB bank"),
+    "cmad+geom": ({"branches": ("mapping", "joint_bank", "rgb_bank", "geom_bank")},
+                  "cmad with the geometry bank as a fourth branch"),
+    "cmad+xyz": ({"branches": ("mapping", "joint_bank", "rgb_bank", "xyz_bank")},
+                 "cmad with the FPFH bank as a fourth branch"),
+    "cmad-auto": ({"weights": "auto"},
+                  "cmad with weights chosen on validation normals with pasted defects"),
+    "mapping-fpfh": ({"branches": ("mapping",), "mapping_b": ("geom", "xyz")},
+                     "the mapping with FPFH beside the geometry features"),
+    "align-map": ({"branches": ("align",), "align": {"variant": "mapping", "hidden": 256},
+                   "align_app": ("rgb", "colour")},
+                  "CFM-style MLP mapping between CNN+colour and FPFH+context features, alone"),
     "btf": ({"branches": ("joint_bank",), "joint_fraction": 0.1, "bank_dtype": "float32"},
             "BTF baseline: RGB+FPFH concatenated, one bank, 10% coreset (as in BTF's code), float32"),
     "full-banks": ({"branches": ("rgb_bank", "xyz_bank"), "bank_fraction": 1.0,
@@ -95,7 +84,7 @@ METHODS["btf-full"] = ({"branches": ("joint_bank",), "joint_fraction": 1.0, "ban
                        "BTF with its full bank (no coreset), float32")
 DEFAULT_METHODS = tuple(m for m in METHODS if m != "btf-full")
 SHOT_METHODS = ("cmad", "btf", "rgb-bank", "xyz-bank")
-DEMO_METHODS = ("cmad", "align", "joint-bank", "rgb-bank", "xyz-bank", "btf")
+DEMO_METHODS = ("cmad", "mapping", "joint-bank", "rgb-bank", "btf")
 
 
 class PeakRSS:
