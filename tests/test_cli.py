@@ -36,7 +36,7 @@ def test_info_reports_missing_folder_as_error(tmp_path):
 
 def test_synth_then_info_has_no_problems(tmp_path):
     out = tmp_path / "syn"
-    r = _run("synth", "--out", out, "--size", "tiny", "--categories", "1", "--quiet")
+    r = _run("synth", "--out", out, "--preset", "tiny", "--categories", "1", "--quiet")
     assert r.exit_code == 0, r.output
     info = json.loads(_run("info", "--data", out, "--json").stdout)
     assert len(info["categories"]) == 1
@@ -111,7 +111,7 @@ def test_load_of_foreign_directory_is_clear_error(tmp_path, tiny_root):
 def test_bench_on_mvtec_shaped_fixture(mvtec_like_root, tmp_path):
     """Issue 5: the same bench command runs on an MVTec 3D-AD shaped tree."""
     out = tmp_path / "report"
-    r = _run("bench", "--data", mvtec_like_root, "--out", out, "--resolution", 224,
+    r = _run("bench", "--data", mvtec_like_root, "--out", out, "--size", 224,
              "--methods", "cmad,rgb-bank,xyz-bank,btf", "--cache", tmp_path / "cache", "--quiet")
     assert r.exit_code == 0, r.output
     res = json.loads((out / "results.json").read_text())
@@ -127,8 +127,10 @@ def test_bench_on_mvtec_shaped_fixture(mvtec_like_root, tmp_path):
     assert (out / "index.html").exists()
     assert (out / "tables" / "i-auroc.md").exists()
     # each run writes a new folder: a second run into the same one is refused
+    # (through the old name of --size, still accepted with a warning)
     r2 = _run("bench", "--data", mvtec_like_root, "--out", out, "--resolution", 64, "--quiet")
     assert r2.exit_code == 2
+    assert "--resolution is deprecated; use --size" in r2.output
 
 
 def test_bench_on_rgb_only_category_skips_3d_methods(tmp_path):
@@ -137,7 +139,7 @@ def test_bench_on_rgb_only_category_skips_3d_methods(tmp_path):
     make_mvtec_like_tree(tmp_path / "data", size=(120, 160), modalities=("rgb",), n_train=3,
                          n_validation=2)
     out = tmp_path / "report"
-    r = _run("bench", "--data", tmp_path / "data", "--out", out, "--resolution", 64,
+    r = _run("bench", "--data", tmp_path / "data", "--out", out, "--size", 64,
              "--methods", "cmad,rgb-bank,xyz-bank", "--cache", tmp_path / "cache", "--quiet")
     assert r.exit_code == 0, r.output
     res = json.loads((out / "results.json").read_text())

@@ -10,7 +10,7 @@ import cmad
 ROOT = Path(cmad.__file__).parent
 # a layer may import itself and any layer with a lower number
 LAYERS = {
-    "base": 0,       # errors, types, configs, cache, runtime
+    "base": 0,       # errors, types, configs, cache, runtime, progress
     "data": 1,
     "synth": 2,
     "features": 2,
@@ -23,7 +23,7 @@ LAYERS = {
     "bench": 6,
     "cli": 7,
 }
-BASE = {"errors", "types", "configs", "cache", "runtime", "__init__"}
+BASE = {"errors", "types", "configs", "cache", "runtime", "progress", "__init__"}
 
 
 def _layer(module: str) -> str:

@@ -28,7 +28,7 @@ def _stems(folder: Path, ext: str) -> list[str]:
 
 def test_presets_and_categories() -> None:
     assert len(synth.CATEGORY_NAMES) >= 5
-    assert set(synth.SIZES) == {"tiny", "small", "default", "mvtec"}
+    assert set(synth.SIZES) == {"tiny", "small", "demo", "default", "mvtec"}
     for preset in synth.SIZES.values():
         assert preset["train"] > 0 and preset["test_per_defect"] > 0
     assert synth.CLASS_IDS["good"] == 0
@@ -186,12 +186,12 @@ def test_cli_train_option(tmp_path: Path) -> None:
 
     runner = CliRunner()
     out = tmp_path / "syn"
-    r = runner.invoke(app, ["synth", "--out", str(out), "--size", "tiny", "--categories", "1",
+    r = runner.invoke(app, ["synth", "--out", str(out), "--preset", "tiny", "--categories", "1",
                             "--train", "5", "--quiet"])
     assert r.exit_code == 0, r.output
     cat = out / synth.CATEGORY_NAMES[0]
     assert _stems(cat / "train" / "good" / "rgb", "png") == [f"{i:03d}" for i in range(5)]
-    r = runner.invoke(app, ["synth", "--out", str(tmp_path / "bad"), "--size", "tiny",
+    r = runner.invoke(app, ["synth", "--out", str(tmp_path / "bad"), "--preset", "tiny",
                             "--train", "0", "--quiet"])
     assert r.exit_code == 2 and "train" in r.output
     assert not (tmp_path / "bad").exists()

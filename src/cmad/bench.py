@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from cmad.cache import default_cache_dir
 from cmad.data.io import atomic_folder
@@ -33,6 +32,8 @@ from cmad.model.calibrate import calibration_set
 from cmad.model.config import DetectorConfig
 from cmad.model.core import active_branches, feature_needs
 from cmad.pipeline import Detector
+from cmad.progress import LogProgress
+from cmad.progress import progress as progress_bar
 from cmad.runtime import set_threads
 from cmad.types import Prepared
 
@@ -135,11 +136,33 @@ class PeakRSS:
         self.peak = max(self.peak, self.current_mb())
 
 
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else what platform knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("model name", "Hardware", "cpu model") and value.strip():
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages (None where the OS does not say)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
 def machine_info(threads: int) -> dict:
     return {
+        "cpu_model": cpu_model(), "cpu_count": os.cpu_count(), "threads": threads,
+        "load_average_start": load_average(),
         "python": sys.version.split()[0], "torch": torch.__version__,
         "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(), "threads": threads,
     }
 
 
@@ -183,7 +206,7 @@ def timed_features(ext: FeatureExtractor, prepared: Sequence[Prepared], desc: st
                    progress: bool) -> tuple[FeatureMaps, dict[str, list[float]]]:
     """Features one sample at a time, uncached, with each sample's ms per stage."""
     parts, times = [], {}
-    for p in tqdm(prepared, desc=desc, unit="sample", leave=False, disable=not progress):
+    for p in progress_bar(prepared, desc=desc, unit="sample", enabled=progress):
         fm, ms = ext.extract([p], prep_digest=None)
         for k, v in ms.items():
             times.setdefault(k, []).append(v)
@@ -249,6 +272,7 @@ def run_method(name: str, cd: CategoryData, seed: int, size: int, ext: FeatureEx
     det = Detector(cfg, extractor=ext)
     train_idx = select_shots(list(range(len(cd.train))), shots, seed)
     train_fm = cd.train_fm if shots is None else cd.train_fm.select(train_idx)
+    load_before = load_average()
     with PeakRSS() as mem:
         t = time.perf_counter()
         det.fit_features(train_fm, cd.calib_fm, cd.calib, cd.modalities, category=cd.name)
@@ -261,6 +285,7 @@ def run_method(name: str, cd: CategoryData, seed: int, size: int, ext: FeatureEx
             preds.extend(pr)
             for k, v in ms.items():
                 own_ms.setdefault(k, []).append(v)
+    load_after = load_average()
     stages = {"preprocess": cd.shared_ms["preprocess"]}
     for k in stages_of(det.core.needs):
         stages[k] = cd.shared_ms.get(k, 0.0)
@@ -283,6 +308,9 @@ def run_method(name: str, cd: CategoryData, seed: int, size: int, ext: FeatureEx
         "bank_bytes": det.bank_bytes,
         "peak_rss_mb": mem.peak,
         "weights": det.weights,
+        # 1-minute load average as this method's timing started and ended: a load above the
+        # CPU count means other work shared the CPUs and every time here is inflated
+        "load_average": [None if x is None else x[0] for x in (load_before, load_after)],
     }
     return row, det, preds
 
@@ -366,8 +394,8 @@ def run_bench(
     per_method_eff: dict[str, list[dict]] = {m: [] for m in methods}
     panels: list[dict] = []
     shot_rows: dict[str, dict[str, dict]] = {}
-    bar = tqdm(total=len(cats) * (len(methods) + len(shots or []) * len(SHOT_METHODS)),
-               desc="bench", disable=not progress)
+    bar = progress_bar(total=len(cats) * (len(methods) + len(shots or []) * len(SHOT_METHODS)),
+                       desc="bench", unit="fit", enabled=progress, leave=True)
     for c in cats:
         cd, ext = load_category(data, c, size, seed, cache_dir, progress, methods, base)
         for m in methods:
@@ -377,7 +405,11 @@ def run_bench(
                 results["methods"][m]["categories"][c] = {k: float("nan") for k in METRICS}
                 bar.update(1)
                 continue
+            t_m = time.perf_counter()
             row, det, preds = run_method(m, cd, seed, size, ext, base=base)
+            if progress and isinstance(bar, LogProgress):
+                log.info("bench %d/%d: %s / %s in %.1f s (I-AUROC %.3f)", bar.n + 1, bar.total,
+                         c, m, time.perf_counter() - t_m, row["metrics"]["I-AUROC"])
             res = results["methods"][m]
             res["categories"][c] = row["metrics"]
             res["per_defect"][c] = row["per_defect"]
@@ -415,11 +447,14 @@ def run_bench(
         res["bank_bytes"] = int(np.mean([r["bank_bytes"] for r in rows]))
         res["peak_rss_mb"] = float(max(r["peak_rss_mb"] for r in rows))
         res["weights"] = {r["category"]: r["weights"] for r in rows}
+        loads = [x for r in rows for x in r["load_average"] if x is not None]
+        res["load_average"] = [min(loads), max(loads)] if loads else None
     for k, by_method in shot_rows.items():
         results["shots"][k] = {m: {"categories": cats_, "mean": _mean(list(cats_.values()))}
                                for m, cats_ in by_method.items()}
     # built whole in a hidden sibling, then renamed into place: a killed run leaves no
     # half-written report (and the next run clears the sibling)
+    results["machine"]["load_average_end"] = load_average()
     with atomic_folder(out, lambda _: False) as tmp:
         write_report(tmp, results, panels, quiet=not progress)
     return BenchResult(results, out, summary_text(results))
@@ -477,23 +512,36 @@ def category_table(results: dict, method: str) -> str:
     return "\n".join(lines)
 
 
-def run_demo(out: Path, size: str = "default", seed: int = 0, threads: int = 2) -> BenchResult:
-    """`make demo`: synthetic data, then a bench of cmad against its baselines."""
+def run_demo(out: Path, size: str = "demo", seed: int = 0, threads: int = 2,
+             categories: int | list[str] | None = None, methods: Sequence[str] | None = None,
+             progress: bool = True) -> BenchResult:
+    """`make demo`: synthetic data (the `size` preset), then a bench of cmad against BTF and
+    its single branches (`methods`, default DEMO_METHODS)."""
     from cmad import synth
 
     out = Path(out)
-    data = out / "data"
+    # one data folder per preset and seed, so that `make demo` and `make bench` (or another
+    # --preset) in the same folder never mix datasets
+    data = out / f"data-{size}-seed{seed}"
     latest = out / "report"
     if latest.exists() and not latest.is_symlink():
         raise OutputError(latest, "exists and is not the demo's link to its latest report; "
                                   "move it away or choose another --out")
-    if not (data.exists() and any(data.iterdir())):
-        log.info("generating the synthetic dataset (%s) into %s", size, data)
-        synth.generate(data, seed=seed, size=size, progress=True)
+    if categories is None:
+        cats = list(synth.CATEGORY_NAMES[:synth.SIZES[size]["n_categories"]]) \
+            if size in synth.SIZES else None
+    elif isinstance(categories, int):
+        cats = list(synth.CATEGORY_NAMES[:categories])
+    else:
+        cats = list(categories)
+    missing = cats if cats is None else [c for c in cats if not (data / c).is_dir()]
+    if missing is None or missing:
+        log.info("generating the synthetic dataset (preset %s) into %s", size, data)
+        synth.generate(data, categories=missing, seed=seed, size=size, progress=progress)
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     report = out / f"report-{stamp}"
-    res = run_bench(data, report, methods=list(DEMO_METHODS), cache_dir=out / "cache", seed=seed,
-                    threads=threads)
+    res = run_bench(data, report, categories=cats, methods=list(methods or DEMO_METHODS),
+                    cache_dir=out / "cache", seed=seed, threads=threads, progress=progress)
     if latest.is_symlink():
         latest.unlink()
     latest.symlink_to(report.name)
