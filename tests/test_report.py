@@ -201,8 +201,8 @@ def test_summary_and_details_pages(report: tuple[Path, Path]) -> None:
                    "cmad: per defect type"):
         assert needle in details and needle not in summary
     # per-defect tables and panel groups are collapsed; the first metric table is open
-    assert "<details><summary>cmad: per defect type</summary>" in details
-    assert "<details open><summary>I-AUROC</summary>" in details
+    assert '<details id="per-defect-cmad"><summary>cmad: per defect type</summary>' in details
+    assert '<details id="i-auroc" open><summary>I-AUROC</summary>' in details
     for html in (summary, details):
         assert "<link" not in html and "<script" not in html
         # every table scrolls inside its own box instead of widening the page

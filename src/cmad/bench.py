@@ -541,7 +541,8 @@ def run_demo(out: Path, size: str = "demo", seed: int = 0, threads: int = 2,
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     report = out / f"report-{stamp}"
     res = run_bench(data, report, categories=cats, methods=list(methods or DEMO_METHODS),
-                    cache_dir=out / "cache", seed=seed, threads=threads, progress=progress)
+                    cache_dir=out / "cache", seed=seed, threads=threads, progress=progress,
+                    panels_per_type=1)
     if latest.is_symlink():
         latest.unlink()
     latest.symlink_to(report.name)

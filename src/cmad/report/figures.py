@@ -141,7 +141,7 @@ def metric_bars_figure(results: Mapping[str, Any], metric: str) -> Figure:
     """The chart of `render_metric_bars` as a matplotlib Figure.
 
     About 800 px wide (more only with many categories and methods), the y-axis within
-    [0, 1], the legend above the plot, each method in its fixed colour (`method_colour`).
+    [0, 1], the legend under the plot, each method in its fixed colour (`method_colour`).
     """
     methods = methods_of(results)
     names = list(methods)
@@ -154,7 +154,9 @@ def metric_bars_figure(results: Mapping[str, Any], metric: str) -> Figure:
     n_m = max(len(names), 1)
     bar_w = 0.8 / n_m
     width = min(max(8.0, 1.2 + len(groups) * (0.12 * n_m + 0.3)), 16.0)
-    legend_rows = math.ceil(len(names) / max(1, int(width / 1.35)))
+    entry_w = 0.45 + 0.09 * max((len(str(n)) for n in names), default=4)  # inches per entry
+    legend_cols = max(1, min(len(names), int((width - 0.3) / entry_w)))
+    legend_rows = math.ceil(len(names) / legend_cols)
     fig = Figure(figsize=(width, 3.9 + 0.22 * legend_rows), dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.subplots()
@@ -190,9 +192,9 @@ def metric_bars_figure(results: Mapping[str, Any], metric: str) -> Figure:
     ax.set_axisbelow(True)
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
-    fig.suptitle(f"{metric} per category by method", fontsize=12, fontweight="bold")
+    ax.set_title(f"{metric} per category by method", fontsize=12, fontweight="bold")
     if names:
-        fig.legend(loc="outside upper center", ncol=min(len(names), max(1, int(width / 1.35))),
+        fig.legend(loc="outside lower center", ncol=legend_cols,
                    frameon=False, fontsize=10, handlelength=1.2, columnspacing=1.2)
     return fig
 

@@ -77,9 +77,11 @@ class PanelLink:
     src: str
 
 
-def table_html(table: Table, heading: int = 3) -> str:
-    """A table as HTML, best cells bold and highlighted, n/a cells greyed."""
-    out = [f'<h{heading} id="{escape(table.slug or "t")}">{escape(table.title)}</h{heading}>']
+def table_html(table: Table, heading: int | None = 3) -> str:
+    """A table as HTML, best cells bold and highlighted, n/a cells greyed; under a heading
+    of that level (None: no heading, for a table whose section or summary names it)."""
+    out = [] if heading is None else [
+        f'<h{heading} id="{escape(table.slug or "t")}">{escape(table.title)}</h{heading}>']
     if table.note:
         out.append(f'<p class="note">{escape(table.note)}</p>')
     out.append('<div class="scroll"><table><thead><tr>')
@@ -115,7 +117,7 @@ def render_index(results: Mapping[str, Any], *, headline: Table,
     details page); `files` are (href, description).
     """
     sections: list[tuple[str, str, str]] = []
-    sections.append(("summary", "Summary", table_html(headline) + _timing_note(results)
+    sections.append(("summary", "Summary", table_html(headline, None) + _timing_note(results)
                      + f'<p class="note">Every table, per category and per defect type, and '
                        f'all {n_panels} anomaly-map panels: <a href="{DETAILS}">details</a>.'
                        "</p>"))
@@ -138,11 +140,13 @@ def render_details(results: Mapping[str, Any], *, metric_tables: Sequence[Table]
     panels, the long parts in collapsible sections."""
     sections: list[tuple[str, str, str]] = []
     sections.append(("metrics", "Accuracy per category", "".join(
-        _collapsible(t.title, table_html(t), open_=i == 0) for i, t in enumerate(metric_tables))))
-    sections.append(("efficiency", "Efficiency", table_html(efficiency) + _timing_note(results)))
+        _collapsible(t.title, table_html(t, None), open_=i == 0, anchor=t.slug)
+        for i, t in enumerate(metric_tables))))
+    sections.append(("efficiency", "Efficiency", table_html(efficiency, None)
+                     + _timing_note(results)))
     if per_defect:
         sections.append(("per-defect", "Per defect type", "".join(
-            _collapsible(t.title, table_html(t)) for t in per_defect)))
+            _collapsible(t.title, table_html(t, None), anchor=t.slug) for t in per_defect)))
     if few_shot is not None:
         few_charts = [c for c in charts if "few_shot" in c[0]]
         sections.append(("few-shot", "Few-shot", table_html(few_shot) + _charts(few_charts)))
@@ -178,8 +182,9 @@ def _charts(charts: Sequence[tuple[str, str]]) -> str:
         f"<figcaption>{escape(cap)}</figcaption></figure>" for src, cap in charts) + "</div>"
 
 
-def _collapsible(title: str, content: str, open_: bool = False) -> str:
-    return (f"<details{' open' if open_ else ''}><summary>{escape(title)}</summary>"
+def _collapsible(title: str, content: str, open_: bool = False, anchor: str = "") -> str:
+    ident = f' id="{escape(anchor)}"' if anchor else ""
+    return (f"<details{ident}{' open' if open_ else ''}><summary>{escape(title)}</summary>"
             f"{content}</details>")
 
 
