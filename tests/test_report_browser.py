@@ -48,7 +48,9 @@ def test_overflow_is_caught(tmp_path: Path, capsys: pytest.CaptureFixture) -> No
     cells = "".join(f"<td>column {i} with a long heading</td>" for i in range(60))
     (bad / "index.html").write_text(
         "<!DOCTYPE html><html><head><style>td{white-space:nowrap}</style></head><body>"
-        f"<section><table><tr>{cells}</tr></table></section></body></html>")
+        # inside a closed <details>: the check opens it
+        f"<section><details><summary>wide</summary><table><tr>{cells}</tr></table></details>"
+        "</section></body></html>")
     (r,) = check_report(bad, (800,))
     assert not r.ok and r.scroll_width > 800
     assert any(p["what"] == "page" for p in r.problems)

@@ -2,14 +2,15 @@
 
     python -m cmad.report.check REPORT_DIR [--widths 1400,800] [--screenshots DIR]
 
-Each page of the report (index.html, details.html) is loaded at each width with a small
-script added (from a copy in a temporary folder, so the report itself is never modified;
-a <base> element points its relative links back at the report). The script reports the
-page's scroll width against the window's, and every element that sticks out of the window
-or out of its own box without being inside something that scrolls (tables sit in
-`overflow-x: auto` boxes, so a wide table is fine; a wide table without one is not). Exit
-status 0 when every page fits at every width, 1 when something overflows (each problem is
-printed), 2 when Chromium or the report is missing.
+Each page of the report (index.html, details.html) is loaded at each width from a copy
+in a temporary folder with a small script added (the report itself is never modified; a
+<base> element points the copy's relative links back at the report). The script opens
+every collapsed <details> section, then reports the page's scroll width against the
+window's, and every element that sticks out of the window or out of its own box without
+being inside something that scrolls (tables sit in `overflow-x: auto` boxes, so a wide
+table is fine; a wide table without one is not). Exit status 0 when every page fits at
+every width, 1 when something overflows (each problem is printed), 2 when Chromium or the
+report is missing.
 
 Chromium: `chromium`, `chromium-browser` or `google-chrome` on PATH, or $CMAD_CHROMIUM
 (on Debian/Ubuntu: `apt-get install -y chromium`).
@@ -38,6 +39,10 @@ CANDIDATES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-st
 PROBE = r"""
 <script>
 window.addEventListener("load", () => {
+  // open every collapsed section, so that what it holds is measured too (images are sized
+  // by the style sheet, so the layout does not wait for them)
+  document.querySelectorAll("details").forEach((d) => { d.open = true; });
+  void document.body.offsetWidth;  // lay the opened sections out
   const W = document.documentElement.clientWidth;
   const CLIPS = ["auto", "scroll", "hidden", "clip"];
   const clips = (el) => CLIPS.includes(getComputedStyle(el).overflowX);
@@ -222,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         status = "ok" if r.ok else "OVERFLOW" if not r.error else "ERROR"
         print(f"{r.page} at {r.width} px: {status} (page {r.scroll_width} px wide, "
-              f"{r.height} px tall, {r.loaded}/{r.images} images loaded)")
+              f"{r.height} px tall with every section open, {r.loaded}/{r.images} images loaded)")
         if r.error:
             print(f"  {r.error}")
         for p in r.problems:

@@ -154,7 +154,7 @@ def metric_bars_figure(results: Mapping[str, Any], metric: str) -> Figure:
     n_m = max(len(names), 1)
     bar_w = 0.8 / n_m
     width = min(max(8.0, 1.2 + len(groups) * (0.12 * n_m + 0.3)), 16.0)
-    entry_w = 0.45 + 0.09 * max((len(str(n)) for n in names), default=4)  # inches per entry
+    entry_w = 0.4 + 0.075 * max((len(str(n)) for n in names), default=4)  # inches per entry
     legend_cols = max(1, min(len(names), int((width - 0.3) / entry_w)))
     legend_rows = math.ceil(len(names) / legend_cols)
     fig = Figure(figsize=(width, 3.9 + 0.22 * legend_rows), dpi=DPI, layout="constrained")

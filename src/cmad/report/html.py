@@ -124,7 +124,7 @@ def render_index(results: Mapping[str, Any], *, headline: Table,
     if charts:
         sections.append(("charts", "Charts", _charts(charts)))
     if panels:
-        sections.append(("panels", "Anomaly maps", '<p class="note">The first defective test '
+        sections.append(("panels", "Anomaly maps", '<p class="note">One defective test '
                          f'sample of each category; all {n_panels} panels are on the '
                          f'<a href="{DETAILS}#sec-panels">details page</a>.</p>'
                          + _panel_grid(panels)))
@@ -175,11 +175,13 @@ def _page(results: Mapping[str, Any], title: str, sections: Sequence[tuple[str, 
 
 
 def _charts(charts: Sequence[tuple[str, str]]) -> str:
+    """The charts side by side where there is room; each chart names itself, so the caption
+    is only the image's alt text."""
     if not charts:
         return ""
     return '<div class="grid2">' + "".join(
-        f'<figure><img src="{escape(src)}" alt="{escape(cap)}" loading="lazy">'
-        f"<figcaption>{escape(cap)}</figcaption></figure>" for src, cap in charts) + "</div>"
+        f'<figure><img src="{escape(src)}" alt="{escape(cap)}" loading="lazy"></figure>'
+        for src, cap in charts) + "</div>"
 
 
 def _collapsible(title: str, content: str, open_: bool = False, anchor: str = "") -> str:
@@ -279,13 +281,15 @@ def _panels(panels: Sequence[PanelLink]) -> str:
 
 
 def summary_panels(panels: Sequence[PanelLink], n: int = SUMMARY_PANELS) -> list[PanelLink]:
-    """The first defective panel of each category (then good ones), at most `n`."""
+    """One panel per category, at most `n`: its first sample with a single defect type, else
+    its first defective one ("combined" holds several), else its first."""
     chosen: list[PanelLink] = []
     seen: set[str] = set()
-    for p in panels:
-        if p.label and p.category not in seen:
-            chosen.append(p)
-            seen.add(p.category)
+    for single in (True, False):
+        for p in panels:
+            if p.label and p.category not in seen and (p.defect_type != "combined" or not single):
+                chosen.append(p)
+                seen.add(p.category)
     for p in panels:
         if p not in chosen and p.category not in seen:
             chosen.append(p)
