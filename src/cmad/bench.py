@@ -264,8 +264,9 @@ def load_category(data: Path, name: str, size: int, seed: int, cache_dir: Path |
 
 def run_method(name: str, cd: CategoryData, seed: int, size: int, ext: FeatureExtractor,
                shots: int | None = None, base: DetectorConfig | None = None,
-               evaluate: bool = True) -> tuple[dict, Detector, list]:
-    """Fit one method on shared features and evaluate it on the test split."""
+               evaluate: bool = True, progress: bool = False) -> tuple[dict, Detector, list]:
+    """Fit one method on shared features and evaluate it on the test split (`progress`:
+    the fit's own bars, such as training epochs and coreset selection)."""
     from cmad.evaluate import evaluate_predictions
 
     cfg = method_config(name, seed, size, base)
@@ -275,7 +276,8 @@ def run_method(name: str, cd: CategoryData, seed: int, size: int, ext: FeatureEx
     load_before = load_average()
     with PeakRSS() as mem:
         t = time.perf_counter()
-        det.fit_features(train_fm, cd.calib_fm, cd.calib, cd.modalities, category=cd.name)
+        det.fit_features(train_fm, cd.calib_fm, cd.calib, cd.modalities, category=cd.name,
+                         progress=progress)
         fit_s = time.perf_counter() - t
         own_ms: dict[str, list[float]] = {}
         preds = []
@@ -396,6 +398,8 @@ def run_bench(
     shot_rows: dict[str, dict[str, dict]] = {}
     bar = progress_bar(total=len(cats) * (len(methods) + len(shots or []) * len(SHOT_METHODS)),
                        desc="bench", unit="fit", enabled=progress, leave=True)
+    # each fit's own bars (epochs, coreset) on a terminal; in a log file the line per method
+    inner = progress and not isinstance(bar, LogProgress)
     for c in cats:
         cd, ext = load_category(data, c, size, seed, cache_dir, progress, methods, base)
         for m in methods:
@@ -406,7 +410,7 @@ def run_bench(
                 bar.update(1)
                 continue
             t_m = time.perf_counter()
-            row, det, preds = run_method(m, cd, seed, size, ext, base=base)
+            row, det, preds = run_method(m, cd, seed, size, ext, base=base, progress=inner)
             if progress and isinstance(bar, LogProgress):
                 log.info("bench %d/%d: %s / %s in %.1f s (I-AUROC %.3f)", bar.n + 1, bar.total,
                          c, m, time.perf_counter() - t_m, row["metrics"]["I-AUROC"])
@@ -426,7 +430,8 @@ def run_bench(
                     bar.update(1)
                     continue
                 bar.set_postfix(category=c, method=f"{m}@{k}")
-                row, _, _ = run_method(m, cd, seed, size, ext, shots=k, base=base)
+                row, _, _ = run_method(m, cd, seed, size, ext, shots=k, base=base,
+                                       progress=inner)
                 shot_rows.setdefault(str(k), {}).setdefault(m, {})[c] = row["metrics"]
                 bar.update(1)
         del cd
@@ -457,6 +462,7 @@ def run_bench(
     results["machine"]["load_average_end"] = load_average()
     with atomic_folder(out, lambda _: False) as tmp:
         write_report(tmp, results, panels, quiet=not progress)
+    log.info("report written to %s (%d panels)", out / "index.html", len(panels))
     return BenchResult(results, out, summary_text(results))
 
 

@@ -264,8 +264,8 @@ class Preprocessor:
     def prepare_many(self, samples: Iterable[Sample], progress: bool = True) -> list[Prepared]:
         """Preprocess several samples, in order."""
         items: Sequence[Sample] = list(samples)
-        return [self(s) for s in progress_bar(items, desc="preprocess", unit="sample",
-                                              enabled=progress)]
+        desc = f"{items[0].category} preprocess" if items and items[0].category else "preprocess"
+        return [self(s) for s in progress_bar(items, desc=desc, unit="sample", enabled=progress)]
 
     def _compute(self, sample: Sample) -> dict[str, np.ndarray]:
         h, w = sample.size

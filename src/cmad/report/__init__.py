@@ -120,7 +120,7 @@ def write_report(out_dir: Path, results: dict, panels: list[dict], *,
                                     charts=[c for c in charts if "few_shot" not in c[0]],
                                     panels=summary_panels(links), n_panels=len(links),
                                     files=files))
-    logger.info("report written to %s (%d panels)", out, len(links))
+    logger.debug("report written to %s (%d panels)", out, len(links))
     return index
 
 
