@@ -147,3 +147,16 @@ def test_bench_on_rgb_only_category_skips_3d_methods(tmp_path):
     # cmad runs the branch the data allows (its RGB bank); the 3D bank cannot run at all
     assert res["methods"]["cmad"]["weights"]["tire_like"] == {"rgb_bank": 1.0}
     assert res["methods"]["xyz-bank"]["categories"]["tire_like"]["I-AUROC"] is None  # NaN -> null
+
+
+def test_features_json_says_where_it_was_timed(tiny_root):
+    cat = sorted(p.name for p in tiny_root.iterdir() if p.is_dir())[0]
+    r = _run("features", "--data", tiny_root, "--category", cat, "--limit", 2, "--size", 64,
+             "--threads", 1, "--json")
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert res["n"] == 2 and res["size"] == 64
+    assert isinstance(res["cpu_model"], str) and res["cpu_model"]
+    assert res["cpu_count"] >= 1
+    for k in ("load_average_start", "load_average_end"):
+        assert res[k] is None or (len(res[k]) == 3 and all(x >= 0 for x in res[k]))

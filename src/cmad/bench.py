@@ -474,6 +474,7 @@ def time_features(data: Path, category: str, limit: int = 30, size: int = 224,
     from cmad.data import open_dataset
 
     set_threads(threads)
+    load_before = load_average()
     cat = open_dataset(data).category(category)
     refs = []
     for split in ("test", "train", "validation"):
@@ -504,6 +505,9 @@ def time_features(data: Path, category: str, limit: int = 30, size: int = 224,
         "rgb_dim": int(first["rgb"].shape[1]) if "rgb" in first else None,
         "xyz_dim": int(first["xyz"].shape[1]) if "xyz" in first else None,
         "grid": list(first.grid),
+        # where the times were measured: above the CPU count, other work slowed them
+        "cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
+        "load_average_start": load_before, "load_average_end": load_average(),
     })
     return out
 
