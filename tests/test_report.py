@@ -269,6 +269,22 @@ def test_chart_axes_stay_within_unit_interval() -> None:
         assert 0.0 <= lo < hi == 1.0
 
 
+def test_charts_of_many_methods_stack(tmp_path: Path) -> None:
+    from cmad.report import png_width
+
+    res = _results()
+    assert '<div class="grid2"><figure><img src="figures/iauroc' in _summary_of(res, tmp_path / "a")
+    for i in range(30):            # a full bench's worth of methods
+        res["methods"][f"m{i}"] = res["methods"]["btf"]
+    with open(tmp_path / "a" / "figures" / "iauroc_by_method.png", "rb") as f:
+        assert 0 < png_width(f.read()) <= 1000
+    assert '<div class="stack"><figure><img src="figures/iauroc' in _summary_of(res, tmp_path / "b")
+
+
+def _summary_of(res: dict, out: Path) -> str:
+    return write_report(out, res, [], quiet=True).read_text()
+
+
 def test_method_colours_are_fixed() -> None:
     from matplotlib.colors import to_rgb
 

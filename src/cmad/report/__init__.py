@@ -87,8 +87,11 @@ def write_report(out_dir: Path, results: dict, panels: list[dict], *,
                                                   per_defect, few_shot))
 
     charts: list[tuple[str, str]] = []
+    widest = 0
     for metric, name in BAR_CHARTS:
-        write_png(out / "figures" / name, render_metric_bars(results, metric))
+        png = render_metric_bars(results, metric)
+        widest = max(widest, png_width(png))
+        write_png(out / "figures" / name, png)
         charts.append((f"figures/{name}", f"{metric} per category by method"))
     few_png = render_few_shot(results)
     if few_png is not None:
@@ -119,7 +122,7 @@ def write_report(out_dir: Path, results: dict, panels: list[dict], *,
     _write_text(index, render_index(results, headline=headline,
                                     charts=[c for c in charts if "few_shot" not in c[0]],
                                     panels=summary_panels(links), n_panels=len(links),
-                                    files=files))
+                                    files=files, side_by_side=widest <= WIDE_CHART_PX))
     logger.debug("report written to %s (%d panels)", out, len(links))
     return index
 
@@ -139,6 +142,16 @@ def _all_tables_md(results: Mapping[str, Any], headline: Table, metric_tables: S
     if few_shot is not None:
         parts += ["## Few-shot", "", few_shot.to_markdown(level=3)]
     return "\n".join(parts)
+
+
+WIDE_CHART_PX = 1000   # wider charts (many methods) are shown one under the other
+
+
+def png_width(png: bytes) -> int:
+    """The width in pixels from a PNG's IHDR chunk (0 if it is not a PNG)."""
+    if png[:8] != b"\x89PNG\r\n\x1a\n" or len(png) < 24:
+        return 0
+    return int.from_bytes(png[16:20], "big")
 
 
 def _write_table(folder: Path, table: Table) -> None:

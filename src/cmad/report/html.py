@@ -54,6 +54,7 @@ figcaption { color: var(--muted); font-size: 12px; }
           gap: 12px 16px; }
 .panels > figure { min-width: 0; margin: 0; }
 figure img { width: 100%; max-width: 900px; }
+.stack figure img { max-width: 1600px; }
 p.timing { color: #5b4a00; }
 header .sub, dl.kv dd, figcaption, p.note { overflow-wrap: anywhere; }
 @media (max-width: 900px) {
@@ -110,11 +111,13 @@ DETAILS = "details.html"
 
 def render_index(results: Mapping[str, Any], *, headline: Table,
                  charts: Sequence[tuple[str, str]], panels: Sequence[PanelLink],
-                 n_panels: int, files: Sequence[tuple[str, str]]) -> str:
+                 n_panels: int, files: Sequence[tuple[str, str]],
+                 side_by_side: bool = True) -> str:
     """The summary page: the headline table, the charts, a few panels, the run and machine.
 
-    `charts` are (src, caption); `panels` the ones to show here (`n_panels` in all, on the
-    details page); `files` are (href, description).
+    `charts` are (src, caption), shown side by side where there is room unless
+    `side_by_side` is False (wide charts, of many methods); `panels` the ones to show here
+    (`n_panels` in all, on the details page); `files` are (href, description).
     """
     sections: list[tuple[str, str, str]] = []
     sections.append(("summary", "Summary", table_html(headline, None) + _timing_note(results)
@@ -122,7 +125,7 @@ def render_index(results: Mapping[str, Any], *, headline: Table,
                        f'all {n_panels} anomaly-map panels: <a href="{DETAILS}">details</a>.'
                        "</p>"))
     if charts:
-        sections.append(("charts", "Charts", _charts(charts)))
+        sections.append(("charts", "Charts", _charts(charts, side_by_side)))
     if panels:
         sections.append(("panels", "Anomaly maps", '<p class="note">One defective test '
                          f'sample of each category; all {n_panels} panels are on the '
@@ -174,12 +177,12 @@ def _page(results: Mapping[str, Any], title: str, sections: Sequence[tuple[str, 
             f"<nav>{nav}</nav><main>{body}</main></body></html>\n")
 
 
-def _charts(charts: Sequence[tuple[str, str]]) -> str:
-    """The charts side by side where there is room; each chart names itself, so the caption
-    is only the image's alt text."""
+def _charts(charts: Sequence[tuple[str, str]], side_by_side: bool = True) -> str:
+    """The charts side by side where there is room (else one under the other); each chart
+    names itself, so the caption is only the image's alt text."""
     if not charts:
         return ""
-    return '<div class="grid2">' + "".join(
+    return f'<div class="{"grid2" if side_by_side else "stack"}">' + "".join(
         f'<figure><img src="{escape(src)}" alt="{escape(cap)}" loading="lazy"></figure>'
         for src, cap in charts) + "</div>"
 
