@@ -249,6 +249,11 @@ def test_panel_is_two_rows_with_readable_text() -> None:
     # the image axes lie in two rows
     rows = {round(ax.get_position().y0, 3) for ax in fig.axes[:7]}
     assert len(rows) == 2
+    # and their titles stay inside the figure and clear of each other
+    titles = [ax.title.get_window_extent(renderer) for ax in fig.axes[:7]]
+    width = fig.get_figwidth() * fig.dpi
+    assert all(0 <= b.x0 and b.x1 <= width for b in titles)
+    assert not any(a.overlaps(b) for i, a in enumerate(titles) for b in titles[i + 1:])
 
 
 def test_panel_png_is_not_blank(report: tuple[Path, Path]) -> None:

@@ -35,7 +35,7 @@ DEPTH_CMAP = "viridis"
 GT_COLOUR = "#38e0ff"
 DPI = 100
 PANEL_SIZE = (8.8, 5.9)       # inches at DPI: 880 x 590 px
-TITLE_PT, TEXT_PT = 11, 9     # panel titles and small print (tick labels, notes)
+TITLE_PT, TEXT_PT = 11, 10    # panel titles and small print (tick labels, notes)
 
 
 def panel_filename(category: str, defect_type: str, stem: str) -> str:
@@ -302,7 +302,7 @@ def _show_map(ax: Axes, amap: np.ndarray | None, title: str, lo: float, hi: floa
     if gt is not None and gt.shape == arr.shape and gt.any() and not gt.all():
         ax.contour(gt.astype(np.float32), levels=[0.5], colors=GT_COLOUR, linewidths=0.9)
     peak = float(np.nanmax(arr)) if np.isfinite(arr).any() else math.nan
-    ax.set_title(f"{title}  (max {_fmt_score(peak)})", fontsize=TITLE_PT)
+    ax.set_title(f"{title} (max {_fmt_score(peak)})", fontsize=TITLE_PT)
     return im
 
 
