@@ -55,7 +55,7 @@ def _json_opt() -> Any:
 
 def _size_opt(default: int | None) -> Any:
     if default is None:
-        return typer.Option(None, "--size", show_default="the config's size (224)",
+        return typer.Option(None, "--size", show_default="the config's size, 224",
                             help="working resolution in pixels (images are resized to SIZE x SIZE)")
     return typer.Option(default, "--size",
                         help="working resolution in pixels (images are resized to SIZE x SIZE)")
@@ -225,7 +225,7 @@ def fit(
     config: Path | None = typer.Option(None, "--config", show_default="built-in defaults",
                                        help="YAML or JSON file setting DetectorConfig fields"),
     size: int | None = _size_opt(None),
-    seed: int | None = typer.Option(None, "--seed", show_default="the config's seed (0)",
+    seed: int | None = typer.Option(None, "--seed", show_default="the config's seed, 0",
                                     help="random seed: same seed and data, same model"),
     cache: Path | None = _cache_opt(),
     threads: int = _threads_opt(),
@@ -243,8 +243,6 @@ def fit(
         if shots is not None and shots < 1:
             raise CmadError(f"--shots must be a positive integer, got {shots}")
         check_model_dir(out)
-        if size is not None and size < 32:
-            raise CmadError(f"--size must be at least 32 pixels, got {size}")
         cfg = _load_config(config, {"seed": seed, "size": size})
         det = Detector(cfg, cache_dir=cache or default_cache_dir())
         det.fit(open_dataset(data).category(category), shots=shots, progress=not quiet)
