@@ -1,5 +1,6 @@
 """The command line end to end on tiny data: info, synth, fit, evaluate, predict, bench."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -160,3 +161,20 @@ def test_features_json_says_where_it_was_timed(tiny_root):
     assert res["cpu_count"] >= 1
     for k in ("load_average_start", "load_average_end"):
         assert res[k] is None or (len(res[k]) == 3 and all(x >= 0 for x in res[k]))
+
+
+def test_demo_runs_and_says_how_long_it_took(tmp_path):
+    out = tmp_path / "demo"
+    r = _run("demo", "--out", out, "--preset", "tiny", "--categories", 1, "--methods", "cmad,btf",
+             "--threads", 1, "--quiet")
+    assert r.exit_code == 0, r.output
+    assert re.search(r"demo took \d+:\d\d\.\d \(min:s\) on \d+ CPUs, 1 threads; load average",
+                     r.output)
+    assert "cmad vs btf" in r.output
+    # one data folder per preset and seed; the `report` link points at the new report
+    from cmad.synth import CATEGORY_NAMES
+
+    made = [p.name for p in (out / "data-tiny-seed0").iterdir() if p.is_dir()]
+    assert made == [CATEGORY_NAMES[0]]
+    assert (out / "report").is_symlink() and (out / "report" / "index.html").is_file()
+    assert (out / "report" / "details.html").is_file()
