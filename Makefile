@@ -1,7 +1,8 @@
 # Set-up and entry points. `make demo` and `make test` work on a fresh machine.
 #
 # make install   lean install into $(VENV): torch (CPU build) and cmad's run-time dependencies
-# make demo      the lean install, then the synthetic demo (writes $(DEMO_DIR)/)
+# make demo      the lean install, then the synthetic demo in minutes (writes $(DEMO_DIR)/)
+# make bench     the full comparison: six methods on the default synthetic data ($(BENCH_DIR)/)
 # make test      the lean install plus the extras the tests need ($(TEST_EXTRAS)), then pytest
 PYTHON ?= python3
 VENV ?= .venv
@@ -15,6 +16,9 @@ TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 TORCH_PROBE_S ?= 5
 TEST_EXTRAS ?= dev,onnx,open3d,ray
 DEMO_DIR ?= demo_out
+BENCH_DIR ?= bench_out
+# the comparison of the README's results table: cmad, its single branches and BTF
+BENCH_METHODS ?= cmad,align,joint-bank,rgb-bank,xyz-bank,btf
 BASE_STAMP := $(VENV)/.cmad-base
 TEST_STAMP := $(VENV)/.cmad-test
 
@@ -25,7 +29,7 @@ PROBE_INDEX := import sys, threading, urllib.request as u; ok = []; \
 	sys.argv[1].rstrip('/') + '/torch/', timeout=float(sys.argv[2])).status == 200)); \
 	t.start(); t.join(float(sys.argv[2])); sys.exit(0 if ok and ok[0] else 1)
 
-.PHONY: install install-test test demo lint clean
+.PHONY: install install-test test demo bench check-report lint clean
 
 $(PY):
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10))' || { \
@@ -76,8 +80,15 @@ test: $(TEST_STAMP)
 demo: $(BASE_STAMP)
 	$(VENV)/bin/cmad demo --out $(DEMO_DIR)
 
+bench: $(BASE_STAMP)
+	$(VENV)/bin/cmad demo --out $(BENCH_DIR) --preset default --methods $(BENCH_METHODS)
+
+# the demo's latest report in headless Chromium at 1400 and 800 px (needs chromium)
+check-report: $(BASE_STAMP)
+	$(PY) -m cmad.report.check $(DEMO_DIR)/report
+
 lint: $(TEST_STAMP)
 	$(VENV)/bin/ruff check src tests
 
 clean:
-	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache src/cmad.egg-info
+	rm -rf $(VENV) $(DEMO_DIR) $(BENCH_DIR) .pytest_cache src/cmad.egg-info

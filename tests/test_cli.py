@@ -1,5 +1,6 @@
 """The command line end to end on tiny data: info, synth, fit, evaluate, predict, bench."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -36,7 +37,7 @@ def test_info_reports_missing_folder_as_error(tmp_path):
 
 def test_synth_then_info_has_no_problems(tmp_path):
     out = tmp_path / "syn"
-    r = _run("synth", "--out", out, "--size", "tiny", "--categories", "1", "--quiet")
+    r = _run("synth", "--out", out, "--preset", "tiny", "--categories", "1", "--quiet")
     assert r.exit_code == 0, r.output
     info = json.loads(_run("info", "--data", out, "--json").stdout)
     assert len(info["categories"]) == 1
@@ -113,7 +114,7 @@ def test_load_of_foreign_directory_is_clear_error(tmp_path, tiny_root):
 def test_bench_on_mvtec_shaped_fixture(mvtec_like_root, tmp_path):
     """Issue 5: the same bench command runs on an MVTec 3D-AD shaped tree."""
     out = tmp_path / "report"
-    r = _run("bench", "--data", mvtec_like_root, "--out", out, "--resolution", 224,
+    r = _run("bench", "--data", mvtec_like_root, "--out", out, "--size", 224,
              "--methods", "cmad,rgb-bank,xyz-bank,btf", "--cache", tmp_path / "cache", "--quiet")
     assert r.exit_code == 0, r.output
     res = json.loads((out / "results.json").read_text())
@@ -134,8 +135,10 @@ def test_bench_on_mvtec_shaped_fixture(mvtec_like_root, tmp_path):
     assert (out / "tables" / "i-auroc.md").exists()
     assert (out / "tables" / "decision.csv").exists()
     # each run writes a new folder: a second run into the same one is refused
+    # (through the old name of --size, still accepted with a warning)
     r2 = _run("bench", "--data", mvtec_like_root, "--out", out, "--resolution", 64, "--quiet")
     assert r2.exit_code == 2
+    assert "--resolution is deprecated; use --size" in r2.output
 
 
 def test_bench_on_rgb_only_category_skips_3d_methods(tmp_path):
@@ -144,7 +147,7 @@ def test_bench_on_rgb_only_category_skips_3d_methods(tmp_path):
     make_mvtec_like_tree(tmp_path / "data", size=(120, 160), modalities=("rgb",), n_train=3,
                          n_validation=2)
     out = tmp_path / "report"
-    r = _run("bench", "--data", tmp_path / "data", "--out", out, "--resolution", 64,
+    r = _run("bench", "--data", tmp_path / "data", "--out", out, "--size", 64,
              "--methods", "cmad,rgb-bank,xyz-bank", "--cache", tmp_path / "cache", "--quiet")
     assert r.exit_code == 0, r.output
     res = json.loads((out / "results.json").read_text())
@@ -152,3 +155,33 @@ def test_bench_on_rgb_only_category_skips_3d_methods(tmp_path):
     # cmad runs the branch the data allows (its RGB bank); the 3D bank cannot run at all
     assert res["methods"]["cmad"]["weights"]["tire_like"] == {"rgb_bank": 1.0}
     assert res["methods"]["xyz-bank"]["categories"]["tire_like"]["I-AUROC"] is None  # NaN -> null
+
+
+def test_features_json_says_where_it_was_timed(tiny_root):
+    cat = sorted(p.name for p in tiny_root.iterdir() if p.is_dir())[0]
+    r = _run("features", "--data", tiny_root, "--category", cat, "--limit", 2, "--size", 64,
+             "--threads", 1, "--json")
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert res["n"] == 2 and res["size"] == 64
+    assert isinstance(res["cpu_model"], str) and res["cpu_model"]
+    assert res["cpu_count"] >= 1
+    for k in ("load_average_start", "load_average_end"):
+        assert res[k] is None or (len(res[k]) == 3 and all(x >= 0 for x in res[k]))
+
+
+def test_demo_runs_and_says_how_long_it_took(tmp_path):
+    out = tmp_path / "demo"
+    r = _run("demo", "--out", out, "--preset", "tiny", "--categories", 1, "--methods", "cmad,btf",
+             "--threads", 1, "--quiet")
+    assert r.exit_code == 0, r.output
+    assert re.search(r"demo took \d+:\d\d\.\d \(min:s\) on \d+ CPUs, 1 threads; load average",
+                     r.output)
+    assert "cmad vs btf" in r.output
+    # one data folder per preset and seed; the `report` link points at the new report
+    from cmad.synth import CATEGORY_NAMES
+
+    made = [p.name for p in (out / "data-tiny-seed0").iterdir() if p.is_dir()]
+    assert made == [CATEGORY_NAMES[0]]
+    assert (out / "report").is_symlink() and (out / "report" / "index.html").is_file()
+    assert (out / "report" / "details.html").is_file()

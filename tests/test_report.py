@@ -35,7 +35,7 @@ def _results() -> dict[str, Any]:
                      "fit_s": 12.5, "infer_ms_per_sample": 10.0,
                      "stages_ms": {"rgb features": 6.0, "bank search": 1.5},
                      "model_bytes": 2_000_000, "bank_entries": 1500, "bank_bytes": 1_500_000,
-                     "peak_rss_mb": 900.0},
+                     "peak_rss_mb": 900.0, "load_average": [1.25, 3.5]},
             "btf": {"categories": btf_cats, "mean": _metrics(0.8),
                     "per_defect": {"bagel": {"crack": _metrics(0.85), "hole": _metrics(0.95)}},
                     "fit_s": 30.0, "infer_ms_per_sample": 40.0,
@@ -45,7 +45,8 @@ def _results() -> dict[str, Any]:
         },
         "shots": {"5": {"cmad": {"categories": {"bagel": _metrics(0.7), "foam": _metrics(0.6)},
                                  "mean": _metrics(0.65)}}},
-        "machine": {"cpu": "test cpu", "cores": 2},
+        "machine": {"cpu_model": "test cpu", "cpu_count": 2, "threads": 2,
+                    "load_average_start": [3.5, 2.0, 1.0], "load_average_end": [1.25, 1.5, 1.0]},
         "config": {"resolution": 224, "weights": [1.0, 1.0, 1.0]},
         "created": "2025-01-02T03:04:05",
         "command": "cmad bench --data d --out r",
@@ -178,25 +179,135 @@ def test_per_defect_and_few_shot(report: tuple[Path, Path]) -> None:
     assert float(first["I-AUROC_foam"]) == 0.6
 
 
-def test_index_links_every_png(report: tuple[Path, Path]) -> None:
+def _srcs(html: str) -> set[str]:
+    return set(re.findall(r'<img src="([^"]+)"', html))
+
+
+def test_summary_and_details_pages(report: tuple[Path, Path]) -> None:
     out, index = report
-    html = index.read_text()
-    srcs = set(re.findall(r'<img src="([^"]+)"', html))
+    summary, details = index.read_text(), (out / "details.html").read_text()
     pngs = {p.relative_to(out).as_posix() for p in out.rglob("*.png")}
-    assert pngs and srcs == pngs
+    # the details page shows every figure; the summary the two charts and a few panels
+    assert pngs and _srcs(details) | _srcs(summary) == pngs
+    assert {p for p in pngs if "panel_" in p} <= _srcs(details)
+    assert {"figures/iauroc_by_method.png", "figures/aupro_by_method.png"} <= _srcs(summary)
+    assert _srcs(summary) & {p for p in pngs if "panel_" in p} == {
+        "figures/panel_bagel_crack_000.png", "figures/panel_foam_good_001.png"}
+    assert 'href="details.html"' in summary and 'href="index.html"' in details
     for needle in ("test cpu", "2025-01-02T03:04:05", "cmad bench --data d --out r",
-                   '<td class="best">0.900</td>', "bagel / crack"):
-        assert needle in html
-    assert "<link" not in html and "<script" not in html
+                   '<td class="best">0.913</td>'):
+        assert needle in summary
+    for needle in ('<td class="best">0.900</td>', '<td class="label">bagel / crack</td>',
+                   "cmad: per defect type"):
+        assert needle in details and needle not in summary
+    # per-defect tables and panel groups are collapsed; the first metric table is open
+    assert '<details id="per-defect-cmad"><summary>cmad: per defect type</summary>' in details
+    assert '<details id="i-auroc" open><summary>I-AUROC</summary>' in details
+    for html in (summary, details):
+        assert "<link" not in html and "<script" not in html
+        # every table scrolls inside its own box instead of widening the page
+        assert html.count("<table>") == html.count('<div class="scroll"><table>') > 0
 
 
-def test_panel_png_looks_like_a_row(report: tuple[Path, Path]) -> None:
+def test_load_average_and_cpu_beside_the_timings(report: tuple[Path, Path]) -> None:
+    out, index = report
+    summary = index.read_text()
+    assert "test cpu, 2 CPUs, 2 threads" in summary
+    assert "1-minute load average 3.50 at the start and 1.25 at the end" in summary
+    assert "The load exceeded the CPU count" in summary
+    head = _md_rows(out / "tables" / "efficiency.md")
+    col = head[0].index("load avg (1 min)")
+    assert head[1][col] == "1.25-3.50" and head[2][col] == "n/a"
+    with open(out / "tables" / "efficiency.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert rows[0]["load_avg_min"] == "1.25" and rows[0]["load_avg_max"] == "3.5"
+    assert "load avg (1 min)" in summary.split("</table>")[0]
+
+
+def test_panel_is_two_rows_with_readable_text() -> None:
+    from cmad.report.figures import TEXT_PT, panel_figure
+
+    fig = panel_figure(_panels()[0])
+    w_px = fig.get_figwidth() * fig.dpi
+    assert 700 <= w_px <= 900, "shown near full size on a laptop or an 800 px window"
+    fig.canvas.draw()
+    texts = [t for t in fig.findobj(lambda a: hasattr(a, "get_fontsize") and
+                                    hasattr(a, "get_text")) if t.get_text().strip()]
+    assert texts and min(t.get_fontsize() for t in texts) >= TEXT_PT >= 9
+    # the two colour bars' tick labels never overlap (no "1.00.0")
+    renderer = fig.canvas.get_renderer()
+    boxes = []
+    for ax in fig.axes:
+        lo, hi = sorted(ax.get_xlim())
+        boxes += [lab.get_window_extent(renderer)
+                  for loc, lab in zip(ax.get_xticks(), ax.get_xticklabels())
+                  if lab.get_text() and lo - 1e-9 <= loc <= hi + 1e-9]  # the ones drawn
+    assert len(boxes) >= 4
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            assert not a.overlaps(b), "colour-bar labels collide"
+    # the image axes lie in two rows
+    rows = {round(ax.get_position().y0, 3) for ax in fig.axes[:7]}
+    assert len(rows) == 2
+    # and their titles stay inside the figure and clear of each other
+    titles = [ax.title.get_window_extent(renderer) for ax in fig.axes[:7]]
+    width = fig.get_figwidth() * fig.dpi
+    assert all(0 <= b.x0 and b.x1 <= width for b in titles)
+    assert not any(a.overlaps(b) for i, a in enumerate(titles) for b in titles[i + 1:])
+
+
+def test_panel_png_is_not_blank(report: tuple[Path, Path]) -> None:
     out, _ = report
     with Image.open(out / "figures" / "panel_foam_good_001.png") as img:
-        w, h = img.size
         arr = np.asarray(img.convert("RGB"))
-    assert w > 4 * h, "one row of seven images"
     assert arr.std() > 10, "the panel is not blank"
+
+
+def test_chart_axes_stay_within_unit_interval() -> None:
+    from cmad.report.figures import metric_bars_figure
+
+    res = _results()
+    res["methods"]["cmad"]["mean"]["I-AUROC"] = 1.0
+    for metric in ("I-AUROC", "AUPRO@30%"):
+        fig = metric_bars_figure(res, metric)
+        lo, hi = fig.axes[0].get_ylim()
+        assert 0.0 <= lo < hi == 1.0
+
+
+def test_charts_of_many_methods_stack(tmp_path: Path) -> None:
+    from cmad.report import png_width
+
+    res = _results()
+    assert '<div class="grid2"><figure><img src="figures/iauroc' in _summary_of(res, tmp_path / "a")
+    for i in range(30):            # a full bench's worth of methods
+        res["methods"][f"m{i}"] = res["methods"]["btf"]
+    with open(tmp_path / "a" / "figures" / "iauroc_by_method.png", "rb") as f:
+        assert 0 < png_width(f.read()) <= 1000
+    assert '<div class="stack"><figure><img src="figures/iauroc' in _summary_of(res, tmp_path / "b")
+
+
+def _summary_of(res: dict, out: Path) -> str:
+    return write_report(out, res, [], quiet=True).read_text()
+
+
+def test_method_colours_are_fixed() -> None:
+    from matplotlib.colors import to_rgb
+
+    from cmad.report.figures import method_colour, metric_bars_figure
+
+    assert method_colour("cmad") != method_colour("btf")
+    assert method_colour("some-new-method") == method_colour("some-new-method")
+
+    def bar_colours(results: dict) -> dict[str, tuple]:
+        ax = metric_bars_figure(results, "I-AUROC").axes[0]
+        return {c.get_label(): c.patches[0].get_facecolor()[:3] for c in ax.containers}
+
+    res = _results()
+    both = bar_colours(res)
+    del res["methods"]["cmad"]          # btf alone, first in the list
+    alone = bar_colours(res)
+    assert alone["btf"] == both["btf"] == to_rgb(method_colour("btf"))
+    assert both["cmad"] == to_rgb(method_colour("cmad"))
 
 
 def test_summary_text() -> None:

@@ -28,7 +28,7 @@ def _stems(folder: Path, ext: str) -> list[str]:
 
 def test_presets_and_categories() -> None:
     assert len(synth.CATEGORY_NAMES) >= 5
-    assert set(synth.SIZES) == {"tiny", "small", "default", "mvtec"}
+    assert set(synth.SIZES) == {"tiny", "small", "demo", "default", "mvtec"}
     for preset in synth.SIZES.values():
         assert preset["train"] > 0 and preset["test_per_defect"] > 0
     assert synth.CLASS_IDS["good"] == 0
@@ -186,12 +186,12 @@ def test_cli_train_option(tmp_path: Path) -> None:
 
     runner = CliRunner()
     out = tmp_path / "syn"
-    r = runner.invoke(app, ["synth", "--out", str(out), "--size", "tiny", "--categories", "1",
+    r = runner.invoke(app, ["synth", "--out", str(out), "--preset", "tiny", "--categories", "1",
                             "--train", "5", "--quiet"])
     assert r.exit_code == 0, r.output
     cat = out / synth.CATEGORY_NAMES[0]
     assert _stems(cat / "train" / "good" / "rgb", "png") == [f"{i:03d}" for i in range(5)]
-    r = runner.invoke(app, ["synth", "--out", str(tmp_path / "bad"), "--size", "tiny",
+    r = runner.invoke(app, ["synth", "--out", str(tmp_path / "bad"), "--preset", "tiny",
                             "--train", "0", "--quiet"])
     assert r.exit_code == 2 and "train" in r.output
     assert not (tmp_path / "bad").exists()
@@ -204,7 +204,7 @@ def test_train_option_rejects_bad_counts(tmp_path: Path, train: object) -> None:
     assert not list(tmp_path.iterdir())
 
 
-def test_synth_imports_only_data_types_and_errors() -> None:
+def test_synth_imports_only_data_types_errors_and_progress() -> None:
     """cmad.synth sits beside the data readers: it may use cmad.data, cmad.types and
     cmad.errors, never the layers above (features, model, report, ...)."""
     import ast
@@ -232,7 +232,7 @@ def test_synth_imports_only_data_types_and_errors() -> None:
     assert any(within(n, "cmad.data.io") for n in used)   # the scan sees the imports
     for layer in ("cmad.features", "cmad.model", "cmad.report"):
         assert not [n for n in used if within(n, layer)], found
-    allowed = ("cmad.synth", "cmad.data", "cmad.types", "cmad.errors")
+    allowed = ("cmad.synth", "cmad.data", "cmad.types", "cmad.errors", "cmad.progress")
     assert [n for n in used if not any(within(n, a) for a in allowed)] == [], found
 
 

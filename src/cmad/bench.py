@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from cmad.cache import default_cache_dir
 from cmad.data.io import atomic_folder
@@ -34,6 +33,7 @@ from cmad.model.config import DetectorConfig
 from cmad.model.core import active_branches, feature_needs
 from cmad.model.decision import Decision
 from cmad.pipeline import Detector
+from cmad.progress import progress as progress_bar
 from cmad.runtime import set_threads
 from cmad.types import Prepared
 
@@ -125,11 +125,33 @@ class PeakRSS:
         self.peak = max(self.peak, self.current_mb())
 
 
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else what platform knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("model name", "Hardware", "cpu model") and value.strip():
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages (None where the OS does not say)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
 def machine_info(threads: int) -> dict:
     return {
+        "cpu_model": cpu_model(), "cpu_count": os.cpu_count(), "threads": threads,
+        "load_average_start": load_average(),
         "python": sys.version.split()[0], "torch": torch.__version__,
         "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(), "threads": threads,
     }
 
 
@@ -173,7 +195,7 @@ def timed_features(ext: FeatureExtractor, prepared: Sequence[Prepared], desc: st
                    progress: bool) -> tuple[FeatureMaps, dict[str, list[float]]]:
     """Features one sample at a time, uncached, with each sample's ms per stage."""
     parts, times = [], {}
-    for p in tqdm(prepared, desc=desc, unit="sample", leave=False, disable=not progress):
+    for p in progress_bar(prepared, desc=desc, unit="sample", enabled=progress):
         fm, ms = ext.extract([p], prep_digest=None)
         for k, v in ms.items():
             times.setdefault(k, []).append(v)
@@ -231,17 +253,20 @@ def load_category(data: Path, name: str, size: int, seed: int, cache_dir: Path |
 
 def run_method(name: str, cd: CategoryData, seed: int, size: int, ext: FeatureExtractor,
                shots: int | None = None, base: DetectorConfig | None = None,
-               evaluate: bool = True) -> tuple[dict, Detector, list]:
-    """Fit one method on shared features and evaluate it on the test split."""
+               evaluate: bool = True, progress: bool = False) -> tuple[dict, Detector, list]:
+    """Fit one method on shared features and evaluate it on the test split (`progress`:
+    the fit's own bars, such as training epochs and coreset selection)."""
     from cmad.evaluate import decision_rates, evaluate_predictions
 
     cfg = method_config(name, seed, size, base)
     det = Detector(cfg, extractor=ext)
     train_idx = select_shots(list(range(len(cd.train))), shots, seed)
     train_fm = cd.train_fm if shots is None else cd.train_fm.select(train_idx)
+    load_before = load_average()
     with PeakRSS() as mem:
         t = time.perf_counter()
-        det.fit_features(train_fm, cd.calib_fm, cd.calib, cd.modalities, category=cd.name)
+        det.fit_features(train_fm, cd.calib_fm, cd.calib, cd.modalities, category=cd.name,
+                         progress=progress)
         fit_s = time.perf_counter() - t
         own_ms: dict[str, list[float]] = {}
         preds = []
@@ -251,6 +276,7 @@ def run_method(name: str, cd: CategoryData, seed: int, size: int, ext: FeatureEx
             preds.extend(pr)
             for k, v in ms.items():
                 own_ms.setdefault(k, []).append(v)
+    load_after = load_average()
     stages = {"preprocess": cd.shared_ms["preprocess"]}
     for k in stages_of(det.core.needs):
         stages[k] = cd.shared_ms.get(k, 0.0)
@@ -274,6 +300,9 @@ def run_method(name: str, cd: CategoryData, seed: int, size: int, ext: FeatureEx
         "bank_bytes": det.bank_bytes,
         "peak_rss_mb": mem.peak,
         "weights": det.weights,
+        # 1-minute load average as this method's timing started and ended: a load above the
+        # CPU count means other work shared the CPUs and every time here is inflated
+        "load_average": [None if x is None else x[0] for x in (load_before, load_after)],
     }
     return row, det, preds
 
@@ -458,8 +487,8 @@ def run_bench(
     per_method_eff: dict[str, list[dict]] = {m: [] for m in methods}
     panels: list[dict] = []
     shot_rows: dict[str, dict[str, dict]] = {}
-    bar = tqdm(total=len(cats) * (len(methods) + len(shots or []) * len(SHOT_METHODS)),
-               desc="bench", disable=not progress)
+    bar = progress_bar(total=len(cats) * (len(methods) + len(shots or []) * len(SHOT_METHODS)),
+                       desc="bench", unit="fit", enabled=progress, leave=True)
     common = {"data": data, "size": size, "seed": seed, "cache_dir": cache_dir, "methods": methods,
               "base": base, "panels_per_type": panels_per_type, "threads": threads,
               "onnx": onnx}
@@ -528,11 +557,14 @@ def run_bench(
             res["runtime"]["categories"] = {r["category"]: r["runtime"] for r in rows}
         elif any("runtime" in r for r in rows):
             res["runtime"] = {"error": next(r["runtime"]["error"] for r in rows if "runtime" in r)}
+        loads = [x for r in rows for x in r["load_average"] if x is not None]
+        res["load_average"] = [min(loads), max(loads)] if loads else None
     for k, by_method in shot_rows.items():
         results["shots"][k] = {m: {"categories": cats_, "mean": _mean(list(cats_.values()))}
                                for m, cats_ in by_method.items()}
     # built whole in a hidden sibling, then renamed into place: a killed run leaves no
     # half-written report (and the next run clears the sibling)
+    results["machine"]["load_average_end"] = load_average()
     with atomic_folder(out, lambda _: False) as tmp:
         write_report(tmp, results, panels, quiet=not progress)
     summary = summary_text(results)
@@ -542,6 +574,7 @@ def run_bench(
             summary += (f"{m}: torch {rt['torch_ms']:.1f} ms/sample, ONNX Runtime "
                         f"{rt['onnx_ms']:.1f} ms/sample (max score difference "
                         f"{rt['max_score_diff']:.1e}; file {rt['onnx_bytes'] / 1e6:.2f} MB)\n")
+    log.info("report written to %s (%d panels)", out / "index.html", len(panels))
     return BenchResult(results, out, summary)
 
 
@@ -553,6 +586,7 @@ def time_features(data: Path, category: str, limit: int = 30, size: int = 224,
     from cmad.data import open_dataset
 
     set_threads(threads)
+    load_before = load_average()
     cat = open_dataset(data).category(category)
     refs = []
     for split in ("test", "train", "validation"):
@@ -583,6 +617,9 @@ def time_features(data: Path, category: str, limit: int = 30, size: int = 224,
         "rgb_dim": int(first["rgb"].shape[1]) if "rgb" in first else None,
         "xyz_dim": int(first["xyz"].shape[1]) if "xyz" in first else None,
         "grid": list(first.grid),
+        # where the times were measured: above the CPU count, other work slowed them
+        "cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
+        "load_average_start": load_before, "load_average_end": load_average(),
     })
     return out
 
@@ -597,23 +634,37 @@ def category_table(results: dict, method: str) -> str:
     return "\n".join(lines)
 
 
-def run_demo(out: Path, size: str = "default", seed: int = 0, threads: int = 2) -> BenchResult:
-    """`make demo`: synthetic data, then a bench of cmad against its baselines."""
+def run_demo(out: Path, size: str = "demo", seed: int = 0, threads: int = 2,
+             categories: int | list[str] | None = None, methods: Sequence[str] | None = None,
+             progress: bool = True) -> BenchResult:
+    """`make demo`: synthetic data (the `size` preset), then a bench of cmad against BTF and
+    its single branches (`methods`, default DEMO_METHODS)."""
     from cmad import synth
 
     out = Path(out)
-    data = out / "data"
+    # one data folder per preset and seed, so that `make demo` and `make bench` (or another
+    # --preset) in the same folder never mix datasets
+    data = out / f"data-{size}-seed{seed}"
     latest = out / "report"
     if latest.exists() and not latest.is_symlink():
         raise OutputError(latest, "exists and is not the demo's link to its latest report; "
                                   "move it away or choose another --out")
-    if not (data.exists() and any(data.iterdir())):
-        log.info("generating the synthetic dataset (%s) into %s", size, data)
-        synth.generate(data, seed=seed, size=size, progress=True)
+    if categories is None:
+        cats = list(synth.CATEGORY_NAMES[:synth.SIZES[size]["n_categories"]]) \
+            if size in synth.SIZES else None
+    elif isinstance(categories, int):
+        cats = list(synth.CATEGORY_NAMES[:categories])
+    else:
+        cats = list(categories)
+    missing = cats if cats is None else [c for c in cats if not (data / c).is_dir()]
+    if missing is None or missing:
+        log.info("generating the synthetic dataset (preset %s) into %s", size, data)
+        synth.generate(data, categories=missing, seed=seed, size=size, progress=progress)
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     report = out / f"report-{stamp}"
-    res = run_bench(data, report, methods=list(DEMO_METHODS), cache_dir=out / "cache", seed=seed,
-                    threads=threads)
+    res = run_bench(data, report, categories=cats, methods=list(methods or DEMO_METHODS),
+                    cache_dir=out / "cache", seed=seed, threads=threads, progress=progress,
+                    panels_per_type=1)
     if latest.is_symlink():
         latest.unlink()
     latest.symlink_to(report.name)

@@ -7,14 +7,96 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import typer
+from typer.core import TyperCommand
 
 from cmad.errors import CmadError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+# rich_markup_mode=None: click's plain help, which writes a boolean flag as `--json` (typer's
+# rich panels write `--json <bool>`, as if it took a value)
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  context_settings={"help_option_names": ["--help", "-h"],
+                                    "max_content_width": 100},
                   help="Unsupervised multimodal (RGB + 3D) industrial anomaly detection.")
 log = logging.getLogger("cmad")
+
+CACHE_DEFAULT = "$CMAD_CACHE_DIR, else ~/.cache/cmad"
+
+
+# One option, one help text, wherever it appears.
+def _data_opt() -> Any:
+    return typer.Option(..., "--data", help="dataset root: the MVTec 3D-AD layout (or Eyecandies)")
+
+
+def _category_opt() -> Any:
+    return typer.Option(..., "--category", help="category to use (a folder under --data)")
+
+
+def _threads_opt() -> Any:
+    return typer.Option(2, "--threads", help="CPU threads for torch, numba and BLAS")
+
+
+def _cache_opt() -> Any:
+    return typer.Option(None, "--cache", show_default=CACHE_DEFAULT,
+                        help="folder for derived arrays (preprocessed clouds, features); "
+                             "entries are keyed by file content and code version")
+
+
+def _quiet_opt() -> Any:
+    return typer.Option(False, "--quiet", "-q",
+                        help="no progress bars or log lines: only results and errors")
+
+
+def _json_opt() -> Any:
+    return typer.Option(False, "--json", help="print one JSON object (no progress output)")
+
+
+def _size_opt(default: int | None) -> Any:
+    if default is None:
+        return typer.Option(None, "--size", show_default="the config's size, 224",
+                            help="working resolution in pixels (images are resized to SIZE x SIZE)")
+    return typer.Option(default, "--size",
+                        help="working resolution in pixels (images are resized to SIZE x SIZE)")
+
+
+def _preset_opt(default: str, choices: str) -> Any:
+    return typer.Option(default, "--preset",
+                        help=f"synthetic dataset preset: {choices} (see README, Data layout)")
+
+
+def _model_opt() -> Any:
+    return typer.Option(..., "--model", help="model folder written by `cmad fit`")
+
+
+DEMO_PRESET = "demo"   # a cmad.synth preset
+METHODS_HELP = "comma-separated method names: {methods}"
+
+
+class _MethodsHelpCommand(TyperCommand):
+    """A command whose --help lists the bench's method names.
+
+    They are read when the help is shown: importing the bench loads torch, which every
+    other use of the command line should not wait for.
+    """
+
+    def get_help(self, ctx: Any) -> str:
+        from cmad.bench import DEMO_METHODS, METHODS
+
+        fill = {"methods": ", ".join(METHODS), "demo_methods": ",".join(DEMO_METHODS)}
+        for p in self.params:
+            if isinstance(p.help, str) and "{" in p.help:
+                p.help = p.help.format(**fill)
+            shown = getattr(p, "show_default", None)
+            if isinstance(shown, str) and "{" in shown:
+                p.show_default = shown.format(**fill)
+        return super().get_help(ctx)
+
+
+def _deprecated(old: str, new: str) -> None:
+    """A warning for a renamed option (the old name still works, hidden from --help)."""
+    typer.echo(f"warning: {old} is deprecated; use {new}", err=True)
 
 
 def _setup(quiet: bool = False, threads: int | None = None) -> None:
@@ -50,8 +132,8 @@ def _print_json(obj: object) -> None:
 
 @app.command()
 def info(
-    data: Path = typer.Option(..., "--data", help="dataset root in the MVTec 3D-AD layout"),
-    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+    data: Path = _data_opt(),
+    as_json: bool = _json_opt(),
 ) -> None:
     """Categories, split counts, defect types, image sizes, modalities and problems found."""
     _setup(quiet=as_json)
@@ -71,22 +153,30 @@ def info(
 def synth(
     out: Path = typer.Option(..., "--out", help="folder to write the dataset into"),
     categories: str | None = typer.Option(
-        None, "--categories", help="a number N (the first N) or comma-separated names"),
-    seed: int = typer.Option(0, "--seed"),
-    size: str = typer.Option("default", "--size", help="tiny | small | default | mvtec"),
+        None, "--categories", show_default="the preset's count",
+        help="a number N (the first N categories) or comma-separated names"),
+    seed: int = typer.Option(0, "--seed", help="random seed: same seed, same files"),
+    preset: str = _preset_opt("default", "tiny | small | default | mvtec"),
     train: int | None = typer.Option(
-        None, "--train", help="training samples per category, 1-999 (default: the --size preset's count)"),
-    montage: Path | None = typer.Option(None, "--montage", help="also write a montage PNG"),
-    quiet: bool = typer.Option(False, "--quiet"),
+        None, "--train", show_default="the preset's count",
+        help="training samples per category, 1-999"),
+    montage: Path | None = typer.Option(None, "--montage", show_default="none",
+                                        help="also write a montage PNG of the data to this file"),
+    quiet: bool = _quiet_opt(),
+    old_size: str | None = typer.Option(None, "--size", hidden=True,
+                                        help="deprecated name of --preset"),
 ) -> None:
     """Generate a realistic synthetic dataset in the MVTec 3D-AD layout."""
     _setup(quiet)
     _positive("--seed", seed, 0)
     _positive("--train", train)
+    if old_size is not None:
+        _deprecated("synth --size", "--preset")
+        preset = old_size
     from cmad import synth as synth_mod
 
-    if size not in synth_mod.SIZES:
-        _fail(CmadError(f"--size must be one of {', '.join(synth_mod.SIZES)}, got {size!r}"))
+    if preset not in synth_mod.SIZES:
+        _fail(CmadError(f"--preset must be one of {', '.join(synth_mod.SIZES)}, got {preset!r}"))
     from cmad.report.montage import montage as write_montage
 
     cats: int | list[str] | None = None
@@ -97,7 +187,7 @@ def synth(
                             "comma-separated list of names"))
     try:
         t = time.perf_counter()
-        root = synth_mod.generate(out, categories=cats, seed=seed, size=size, progress=not quiet,
+        root = synth_mod.generate(out, categories=cats, seed=seed, size=preset, progress=not quiet,
                                   train=train)
         typer.echo(f"wrote {root} in {time.perf_counter() - t:.1f} s")
         if montage is not None:
@@ -109,16 +199,19 @@ def synth(
 
 @app.command()
 def features(
-    data: Path = typer.Option(..., "--data"),
-    category: str = typer.Option(..., "--category"),
-    limit: int = typer.Option(30, "--limit", help="samples to time (at least 20 after warm-up)"),
-    size: int = typer.Option(224, "--size"),
-    runtime: str = typer.Option("torch", "--runtime", help="torch | onnx (RGB backbone)"),
-    threads: int = typer.Option(2, "--threads"),
-    as_json: bool = typer.Option(False, "--json"),
+    data: Path = _data_opt(),
+    category: str = _category_opt(),
+    limit: int = typer.Option(30, "--limit", help="samples to time, after one warm-up sample"),
+    size: int = _size_opt(224),
+    runtime: str = typer.Option("torch", "--runtime",
+                                help="RGB backbone runtime: torch | onnx (needs the onnx extra)"),
+    threads: int = _threads_opt(),
+    as_json: bool = _json_opt(),
+    quiet: bool = _quiet_opt(),
 ) -> None:
     """Milliseconds per sample of each feature stage (median after warm-up)."""
-    _setup(quiet=as_json, threads=threads)
+    quiet = quiet or as_json
+    _setup(quiet=quiet, threads=threads)
     _positive("--limit", limit)
     _size("--size", size)
     if runtime not in ("torch", "onnx"):
@@ -127,7 +220,7 @@ def features(
 
     try:
         result = time_features(data, category, limit=limit, size=size, runtime=runtime,
-                               threads=threads, progress=not as_json)
+                               threads=threads, progress=not quiet)
     except (CmadError, OSError) as exc:
         _fail(exc)
     if as_json:
@@ -146,15 +239,20 @@ def _load_config(config: Path | None, overrides: dict) -> DetectorConfig:  # noq
 
 @app.command()
 def fit(
-    data: Path = typer.Option(..., "--data"),
-    category: str = typer.Option(..., "--category"),
-    out: Path = typer.Option(..., "--out", help="model directory to write"),
-    shots: int | None = typer.Option(None, "--shots", help="fit on K training samples"),
-    config: Path | None = typer.Option(None, "--config", help="YAML/JSON detector config"),
-    seed: int | None = typer.Option(None, "--seed"),
-    cache: Path | None = typer.Option(None, "--cache", help="cache dir for derived arrays"),
-    threads: int = typer.Option(2, "--threads"),
-    quiet: bool = typer.Option(False, "--quiet"),
+    data: Path = _data_opt(),
+    category: str = _category_opt(),
+    out: Path = typer.Option(..., "--out", help="model folder to write (an old model there is "
+                                                "replaced)"),
+    shots: int | None = typer.Option(None, "--shots", show_default="all",
+                                     help="fit on K training samples chosen with the seed"),
+    config: Path | None = typer.Option(None, "--config", show_default="built-in defaults",
+                                       help="YAML or JSON file setting DetectorConfig fields"),
+    size: int | None = _size_opt(None),
+    seed: int | None = typer.Option(None, "--seed", show_default="the config's seed, 0",
+                                    help="random seed: same seed and data, same model"),
+    cache: Path | None = _cache_opt(),
+    threads: int = _threads_opt(),
+    quiet: bool = _quiet_opt(),
 ) -> None:
     """Fit a detector on the normal training (and validation) samples of a category."""
     _setup(quiet, threads)
@@ -168,7 +266,7 @@ def fit(
         if shots is not None and shots < 1:
             raise CmadError(f"--shots must be a positive integer, got {shots}")
         check_model_dir(out)
-        cfg = _load_config(config, {"seed": seed})
+        cfg = _load_config(config, {"seed": seed, "size": size})
         det = Detector(cfg, cache_dir=cache or default_cache_dir())
         det.fit(open_dataset(data).category(category), shots=shots, progress=not quiet)
         det.save(out)
@@ -187,19 +285,31 @@ def fit(
 
 @app.command()
 def evaluate(
-    model: Path = typer.Option(..., "--model"),
-    data: Path = typer.Option(..., "--data"),
-    category: str = typer.Option(..., "--category"),
-    maps: Path | None = typer.Option(None, "--maps", help="write official-layout TIFF maps"),
-    resolution: str = typer.Option("original", "--resolution", help="original | working"),
-    cache: Path | None = typer.Option(None, "--cache"),
-    threads: int = typer.Option(2, "--threads"),
-    as_json: bool = typer.Option(False, "--json"),
+    model: Path = _model_opt(),
+    data: Path = _data_opt(),
+    category: str = _category_opt(),
+    maps: Path | None = typer.Option(None, "--maps", show_default="not written",
+                                     help="write the anomaly maps as float32 TIFFs in the "
+                                          "official layout MAPS/<category>/test/<defect>/NNN.tiff"),
+    resolution: str = typer.Option(
+        "original", "--maps-resolution",
+        help="original: metrics on maps at each image's size (the official protocol); "
+             "working: on the square working resolution most papers use"),
+    cache: Path | None = _cache_opt(),
+    threads: int = _threads_opt(),
+    as_json: bool = _json_opt(),
+    quiet: bool = _quiet_opt(),
+    old_resolution: str | None = typer.Option(None, "--resolution", hidden=True,
+                                              help="deprecated name of --maps-resolution"),
 ) -> None:
     """Full metric set on the test split (maps at original image size by default)."""
-    _setup(quiet=as_json, threads=threads)
+    quiet = quiet or as_json
+    _setup(quiet=quiet, threads=threads)
+    if old_resolution is not None:
+        _deprecated("evaluate --resolution", "--maps-resolution")
+        resolution = old_resolution
     if resolution not in ("original", "working"):
-        _fail(CmadError(f"--resolution must be 'original' or 'working', got {resolution!r}"))
+        _fail(CmadError(f"--maps-resolution must be 'original' or 'working', got {resolution!r}"))
     from cmad.cache import default_cache_dir
     from cmad.data import open_dataset
     from cmad.evaluate import check_maps_dir, decision_rates, evaluate_predictions, export_maps
@@ -215,7 +325,7 @@ def evaluate(
                         "scores and threshold may not fit this category", model, det.category,
                         category)
         test = cat.samples("test")
-        preds = det.predict(test, progress=not as_json)
+        preds = det.predict(test, progress=not quiet)
         gts = [s.gt for s in test]
         rates = decision_rates(det.decision, preds, gts)
         if resolution == "working":
@@ -254,29 +364,35 @@ def _decision(det, threshold: float | None, fpr: float | None, pixel_fpr: float 
 def predict(
     model: Path = typer.Option(..., "--model", help="model folder written by `cmad fit` (or, "
                                "with --runtime onnx, an exported .onnx file)"),
-    out: Path = typer.Option(..., "--out", help="output folder (replaced whole if it exists)"),
-    rgb: Path | None = typer.Option(None, "--rgb", help="one RGB PNG"),
-    xyz: Path | None = typer.Option(None, "--xyz", help="its organized point cloud TIFF"),
+    out: Path = typer.Option(..., "--out", help="folder for maps/, overlays/ and scores.json"),
+    rgb: Path | None = typer.Option(None, "--rgb", show_default="none",
+                                    help="one RGB image (PNG)"),
+    xyz: Path | None = typer.Option(None, "--xyz", show_default="none",
+                                    help="its organized point cloud (H x W x 3 float32 TIFF)"),
     input_dir: Path | None = typer.Option(
-        None, "--input", help="a folder with rgb/ and xyz/ subfolders (dataset layout)"),
+        None, "--input", show_default="none",
+        help="a folder with rgb/ and xyz/ subfolders (dataset layout), instead of --rgb/--xyz"),
     executor: str = typer.Option("local", "--executor", help="local | ray (the [ray] extra)"),
     address: str | None = typer.Option(
-        None, "--address", help="Ray cluster to join (auto or HOST:PORT; default: a local one)"),
-    workers: int | None = typer.Option(None, "--workers", help="Ray actors (default: CPUs / threads)"),
+        None, "--address", show_default="a private local Ray instance",
+        help="Ray cluster to join (auto or HOST:PORT)"),
+    workers: int | None = typer.Option(None, "--workers", show_default="cluster CPUs / --threads",
+                                       help="Ray actors"),
     threshold: float | None = typer.Option(
-        None, "--threshold", help="image-score threshold: a score above it is anomalous "
-        "(default: the model's stored threshold)"),
+        None, "--threshold", show_default="the model's stored threshold",
+        help="image-score threshold: a score above it is anomalous"),
     fpr: float | None = typer.Option(
-        None, "--fpr", help="target false-positive rate, e.g. 0.05 = 5% of normal parts "
-        "flagged; the threshold comes from the model's stored normal-score distribution"),
+        None, "--fpr", show_default="the model's, 0.01",
+        help="target false-positive rate, e.g. 0.05 = 5% of normal parts flagged; the "
+             "threshold comes from the model's stored normal-score distribution"),
     pixel_fpr: float | None = typer.Option(
-        None, "--pixel-fpr", help="target rate of normal pixels inside the predicted defect "
-        "masks (default: the model's, 0.005)"),
+        None, "--pixel-fpr", show_default="the model's, 0.005",
+        help="target rate of normal pixels inside the predicted defect masks"),
     runtime: str = typer.Option("torch", "--runtime", help="torch | onnx (the whole model in "
                                 "ONNX Runtime; a model folder is exported into the cache)"),
-    cache: Path | None = typer.Option(None, "--cache", help="cache dir (ONNX exports)"),
-    threads: int = typer.Option(2, "--threads", help="CPU threads"),
-    quiet: bool = typer.Option(False, "--quiet", help="no progress or log lines"),
+    cache: Path | None = _cache_opt(),
+    threads: int = _threads_opt(),
+    quiet: bool = _quiet_opt(),
 ) -> None:
     """Score new samples; write anomaly maps (TIFF), defect masks and overlays (PNG) and
     scores.json (score, verdict, threshold, defect area per sample)."""
@@ -326,14 +442,14 @@ def predict(
 
 @app.command()
 def serve(
-    model: Path = typer.Option(..., "--model"),
+    model: Path = _model_opt(),
     host: str = typer.Option("127.0.0.1", "--host", help="address to bind (loopback by default)"),
     port: int = typer.Option(8000, "--port", help="TCP port (0: any free port)"),
     max_request_mb: float = typer.Option(64.0, "--max-request-mb", help="larger uploads get 413"),
     concurrency: int = typer.Option(
         1, "--concurrency", help="inferences at once on the shared model (1: one at a time)"),
-    threads: int = typer.Option(2, "--threads"),
-    quiet: bool = typer.Option(False, "--quiet"),
+    threads: int = _threads_opt(),
+    quiet: bool = _quiet_opt(),
 ) -> None:
     """HTTP service: POST /predict (multipart rgb PNG + xyz TIFF), GET /health, GET /model."""
     _setup(quiet, threads)
@@ -427,8 +543,8 @@ def _normal_parts(data: Path, category: str | None, modalities: list[str]) -> li
 def export(
     model: Path = typer.Option(..., "--model", help="model folder written by `cmad fit`"),
     out: Path = typer.Option(..., "--out", help="the .onnx file to write"),
-    threads: int = typer.Option(2, "--threads"),
-    quiet: bool = typer.Option(False, "--quiet"),
+    threads: int = _threads_opt(),
+    quiet: bool = _quiet_opt(),
 ) -> None:
     """Export the whole model (CNN, features, branches, fusion) to one ONNX file."""
     _setup(quiet, threads)
@@ -447,32 +563,43 @@ def export(
                "outputs score, anomaly_map")
 
 
-@app.command()
+@app.command(cls=_MethodsHelpCommand)
 def bench(
-    data: Path = typer.Option(..., "--data"),
-    out: Path = typer.Option(..., "--out", help="report folder (a new one per run)"),
-    categories: str | None = typer.Option(None, "--categories", help="comma-separated"),
-    methods: str | None = typer.Option(None, "--methods", help="comma-separated"),
-    shots: str | None = typer.Option(None, "--shots", help="e.g. 5,10,50"),
-    resolution: int = typer.Option(224, "--resolution"),
-    cache: Path | None = typer.Option(None, "--cache"),
-    seed: int = typer.Option(0, "--seed"),
+    data: Path = _data_opt(),
+    out: Path = typer.Option(..., "--out", help="report folder to create (a new one per run)"),
+    categories: str | None = typer.Option(None, "--categories", show_default="all",
+                                          help="comma-separated category names"),
+    methods: str | None = typer.Option(None, "--methods", show_default="all but btf-full",
+                                       help=METHODS_HELP),
+    shots: str | None = typer.Option(None, "--shots", show_default="none",
+                                     help="also fit on K training samples, e.g. 5,10,50 "
+                                          "(few-shot table)"),
+    size: int = _size_opt(224),
+    cache: Path | None = _cache_opt(),
+    seed: int = typer.Option(0, "--seed", help="random seed: same seed and data, same results"),
     executor: str = typer.Option("local", "--executor", help="local | ray (the [ray] extra)"),
     address: str | None = typer.Option(
-        None, "--address", help="Ray cluster to join (auto or HOST:PORT; default: a local one)"),
+        None, "--address", show_default="a private local Ray instance",
+        help="Ray cluster to join (auto or HOST:PORT)"),
     onnx: bool = typer.Option(False, "--onnx", help="also export each method to ONNX and time "
                               "it beside torch on the same samples (the Runtimes table)"),
-    threads: int = typer.Option(2, "--threads"),
-    quiet: bool = typer.Option(False, "--quiet"),
     scale: str | None = typer.Option(
-        None, "--scale", help="cost curve instead of the comparison: training-set sizes, e.g. "
-        "25,50,100,200,400, on one category (the first of --categories); methods default to "
-        "cmad,btf"),
+        None, "--scale", show_default="none",
+        help="a cost curve instead of the comparison: training-set sizes, e.g. "
+             "25,50,100,200,400, on one category (the first of --categories); methods default "
+             "to cmad,btf"),
+    threads: int = _threads_opt(),
+    quiet: bool = _quiet_opt(),
+    old_resolution: int | None = typer.Option(None, "--resolution", hidden=True,
+                                              help="deprecated name of --size"),
 ) -> None:
     """Fit and evaluate cmad, its branches and baselines on the same features; report."""
     _setup(quiet, threads)
+    if old_resolution is not None:
+        _deprecated("bench --resolution", "--size")
+        size = old_resolution
     _positive("--seed", seed, 0)
-    _size("--resolution", resolution)
+    _size("--size", size)
     from cmad.bench import run_bench
 
     if scale is not None:
@@ -487,7 +614,7 @@ def bench(
             res = run_cost_curve(
                 data, out, cat,
                 [m.strip() for m in methods.split(",")] if methods else ["cmad", "btf"],
-                counts, size=resolution, seed=seed, threads=threads, progress=not quiet)
+                counts, size=size, seed=seed, threads=threads, progress=not quiet)
         except (CmadError, OSError) as exc:
             _fail(exc)
         typer.echo(table_md(res))
@@ -505,32 +632,65 @@ def bench(
             categories=[c.strip() for c in categories.split(",")] if categories else None,
             methods=[m.strip() for m in methods.split(",")] if methods else None,
             shots=shot_list,
-            size=resolution, cache_dir=cache, seed=seed, threads=threads, progress=not quiet,
-            executor=executor, address=address,
-            onnx=onnx,
+            size=size, cache_dir=cache, seed=seed, threads=threads, progress=not quiet,
+            executor=executor, address=address, onnx=onnx,
         )
     except (CmadError, OSError) as exc:
         _fail(exc)
     typer.echo(res.summary)
 
 
-@app.command()
+@app.command(cls=_MethodsHelpCommand)
 def demo(
-    out: Path = typer.Option(Path("demo_out"), "--out"),
-    size: str = typer.Option("default", "--size", help="synthetic preset: tiny | small | default"),
-    seed: int = typer.Option(0, "--seed"),
-    threads: int = typer.Option(2, "--threads"),
+    out: Path = typer.Option(Path("demo_out"), "--out",
+                             help="folder for data/, cache/ and the report-<time>/ folders"),
+    preset: str = _preset_opt(DEMO_PRESET, "tiny | small | demo | default | mvtec"),
+    categories: str | None = typer.Option(None, "--categories", show_default="the preset's count",
+                                          help="a number N (the first N categories) or "
+                                               "comma-separated names"),
+    methods: str | None = typer.Option(None, "--methods", show_default="{demo_methods}",
+                                       help=METHODS_HELP),
+    seed: int = typer.Option(0, "--seed", help="random seed of the data and the models"),
+    threads: int = _threads_opt(),
+    quiet: bool = _quiet_opt(),
+    old_size: str | None = typer.Option(None, "--size", hidden=True,
+                                        help="deprecated name of --preset"),
 ) -> None:
     """Synthetic data -> fit -> evaluate every category -> table and report folder."""
-    _setup(False, threads)
+    t0 = time.perf_counter()
+    load0 = _loadavg()
+    _setup(quiet, threads)
+    if old_size is not None:
+        _deprecated("demo --size", "--preset")
+        preset = old_size
     _positive("--seed", seed, 0)
     from cmad.bench import run_demo
 
+    cats: int | list[str] | None = None
+    if categories:
+        cats = int(categories) if categories.isdigit() else [c.strip() for c in categories.split(",")]
     try:
-        res = run_demo(out, size=size, seed=seed, threads=threads)
+        res = run_demo(out, size=preset, seed=seed, threads=threads, categories=cats,
+                       methods=[m.strip() for m in methods.split(",")] if methods else None,
+                       progress=not quiet)
     except (CmadError, OSError) as exc:
         _fail(exc)
     typer.echo(res.summary)
+    took = time.perf_counter() - t0
+    typer.echo(f"demo took {int(took // 60)}:{took % 60:04.1f} (min:s) on {os.cpu_count()} CPUs, "
+               f"{threads} threads; load average {_fmt_load(load0)} at the start, "
+               f"{_fmt_load(_loadavg())} at the end")
+
+
+def _loadavg() -> tuple[float, float, float] | None:
+    try:
+        return os.getloadavg()
+    except (AttributeError, OSError):
+        return None
+
+
+def _fmt_load(load: tuple[float, float, float] | None) -> str:
+    return "n/a" if load is None else " / ".join(f"{x:.2f}" for x in load)
 
 
 def main() -> None:

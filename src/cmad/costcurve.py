@@ -28,7 +28,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from cmad.data.io import atomic_folder, write_bytes_atomic
 from cmad.data.splits import select_shots, split_source
@@ -36,6 +35,7 @@ from cmad.errors import ConfigError
 from cmad.features import FeatureExtractor, FeatureMaps
 from cmad.model.core import feature_needs
 from cmad.pipeline import Detector
+from cmad.progress import progress as progress_bar
 from cmad.runtime import set_threads
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ def parse_counts(text: str) -> list[int]:
 def _timed(ext: FeatureExtractor, prepared: Sequence, desc: str, progress: bool
            ) -> tuple[FeatureMaps, dict[str, float]]:
     parts, times = [], {}
-    for p in tqdm(prepared, desc=desc, unit="sample", leave=False, disable=not progress):
+    for p in progress_bar(prepared, desc=desc, unit="sample", enabled=progress):
         fm, ms = ext.extract([p], prep_digest=None)
         for k, v in ms.items():
             times.setdefault(k, []).append(v)
@@ -112,7 +112,7 @@ def run_cost_curve(data: Path, out: Path, category: str, methods: Sequence[str],
 
     def prepared(samples: Sequence, desc: str) -> tuple[list, float]:
         items, ms = [], []
-        for s in tqdm(samples, desc=desc, unit="sample", leave=False, disable=not progress):
+        for s in progress_bar(samples, desc=desc, unit="sample", enabled=progress):
             t = time.perf_counter()
             items.extend(prep.prepare([s]))
             ms.append((time.perf_counter() - t) * 1000.0)
@@ -126,7 +126,8 @@ def run_cost_curve(data: Path, out: Path, category: str, methods: Sequence[str],
     train_fm, train_ms = _timed(ext, train, f"{category} train features", progress)
     test_fm, test_ms = _timed(ext, test, f"{category} test features", progress)
     rows: dict[str, list[dict]] = {m: [] for m in methods}
-    bar = tqdm(total=len(counts) * len(methods), desc="cost curve", disable=not progress)
+    bar = progress_bar(total=len(counts) * len(methods), desc="cost curve", unit="fit",
+                       enabled=progress, leave=True)
     for m, cfg in configs.items():
         det0 = Detector(cfg, extractor=ext)
         calib = det0.calibration(val, modalities)

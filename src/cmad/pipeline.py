@@ -26,7 +26,6 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
-from tqdm.auto import tqdm
 
 from cmad import __version__
 from cmad.data.io import write_bytes_atomic
@@ -38,6 +37,7 @@ from cmad.model.calibrate import calibration_set
 from cmad.model.config import DetectorConfig
 from cmad.model.core import DetectorCore, FitReport, feature_needs
 from cmad.model.decision import Decision
+from cmad.progress import progress as progress_bar
 from cmad.runtime import pause_point
 from cmad.types import Prediction, Prepared, Sample
 
@@ -198,8 +198,8 @@ class Detector:
         digest = self.config.preprocess.digest() if cache else None
         bs = self.config.batch_size
         parts, ms = [], {}
-        with tqdm(total=len(prepared), desc=desc, unit="sample", leave=False,
-                  disable=not progress) as bar:
+        with progress_bar(total=len(prepared), desc=desc, unit="sample",
+                          enabled=progress) as bar:
             for s in range(0, len(prepared), bs):
                 chunk = prepared[s : s + bs]
                 fm, t = ext.extract(chunk, prep_digest=digest)
@@ -292,8 +292,8 @@ class Detector:
         ms: dict[str, float] = {}
         bs = self.config.batch_size
         n = max(len(samples), 1)
-        with tqdm(total=len(samples), desc="predict", unit="sample", leave=False,
-                  disable=not progress) as bar:
+        with progress_bar(total=len(samples), desc="predict", unit="sample",
+                          enabled=progress) as bar:
             for s in range(0, len(samples), bs):
                 chunk = samples[s : s + bs]
                 t = time.perf_counter()
@@ -331,8 +331,8 @@ class Detector:
         self._check_modalities(normals)
         scores, maps, areas = [], [], []
         bs = self.config.batch_size
-        with tqdm(total=len(normals), desc="calibrate", unit="sample", leave=False,
-                  disable=not progress) as bar:
+        with progress_bar(total=len(normals), desc="calibrate", unit="sample",
+                          enabled=progress) as bar:
             for s in range(0, len(normals), bs):
                 prep = self.prepare(normals[s : s + bs])
                 fm, _ = self.extractor.extract(prep)

@@ -50,10 +50,10 @@ from typing import Any
 import numpy as np
 import yaml
 from PIL import Image
-from tqdm import tqdm
 
 from cmad.data.io import clean_cloud, read_gt, read_rgb
 from cmad.errors import ConfigError, DataError
+from cmad.progress import progress as progress_bar
 from cmad.types import Sample, SamplePaths
 
 logger = logging.getLogger(__name__)
@@ -417,7 +417,7 @@ class EyecandiesCategory:
         refs = self.refs(split)
         if limit is not None:
             refs = refs[:limit]
-        it = tqdm(refs, desc=f"load {self.name}/{split}", disable=not progress, leave=False)
+        it = progress_bar(refs, desc=f"load {self.name}/{split}", unit="sample", enabled=progress)
         return [self.load(r) for r in it]
 
 

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from cmad.data.io import read_gt, read_rgb, read_xyz
 from cmad.errors import DataError
+from cmad.progress import progress as progress_bar
 from cmad.types import Sample, SamplePaths
 
 logger = logging.getLogger(__name__)
@@ -340,7 +340,7 @@ class Category:
         self._check_class_ids()
         if limit is not None:
             refs = refs[:limit]
-        it = tqdm(refs, desc=f"load {self.name}/{split}", disable=not progress, leave=False)
+        it = progress_bar(refs, desc=f"load {self.name}/{split}", unit="sample", enabled=progress)
         return [self.load(r) for r in it]
 
 

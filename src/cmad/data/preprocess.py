@@ -19,11 +19,11 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.numpy import save as st_save
 from scipy import ndimage
-from tqdm import tqdm
 
 from cmad.cache import entry_path, file_digest, key_of
 from cmad.data.io import write_bytes_atomic
 from cmad.errors import ConfigError
+from cmad.progress import progress as progress_bar
 from cmad.types import Geometry, Prepared, Sample
 
 logger = logging.getLogger(__name__)
@@ -264,8 +264,8 @@ class Preprocessor:
     def prepare_many(self, samples: Iterable[Sample], progress: bool = True) -> list[Prepared]:
         """Preprocess several samples, in order."""
         items: Sequence[Sample] = list(samples)
-        return [self(s) for s in tqdm(items, desc="preprocess", disable=not progress,
-                                      leave=False)]
+        desc = f"{items[0].category} preprocess" if items and items[0].category else "preprocess"
+        return [self(s) for s in progress_bar(items, desc=desc, unit="sample", enabled=progress)]
 
     def _compute(self, sample: Sample) -> dict[str, np.ndarray]:
         h, w = sample.size

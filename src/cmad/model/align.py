@@ -17,9 +17,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from cmad.errors import ConfigError
+from cmad.progress import progress as progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ class CrossModalAlignment:
         best = (float("inf"), None)
         bad = 0
         epochs = range(self.cfg.epochs)
-        bar = tqdm(epochs, desc="align", leave=False, disable=not progress)
+        bar = progress_bar(epochs, desc="align", unit="epoch", enabled=progress)
         for epoch in bar:
             net.train()
             perm = torch.randperm(a.shape[0], generator=gen)
@@ -171,6 +171,7 @@ class CrossModalAlignment:
                 if bad >= self.cfg.patience:
                     log.debug("alignment: early stop at epoch %d", epoch + 1)
                     break
+        bar.close()
         if best[1] is not None:
             net.load_state_dict(best[1])
         net.eval()

@@ -12,7 +12,8 @@ import numpy as np
 import torch
 from numba import njit
 from torch import nn
-from tqdm.auto import tqdm
+
+from cmad.progress import progress as progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +214,8 @@ def _kcenter(pool: np.ndarray, n_select: int, start: int, progress: bool
     _kc_init(pool, pid, pdist, n, start, cen, sel, beg, end, cnt, rad, arg, apos)
     skey[0] = cen[0, 0]
     step = 512
-    bar = tqdm(total=n_select, desc="coreset", leave=False, mininterval=1.0, disable=not progress)
+    bar = progress_bar(total=n_select, desc="coreset", unit="entry", mininterval=1.0,
+                       enabled=progress)
     bar.update(1)
     for t0 in range(1, n_select, step):
         t1 = min(t0 + step, n_select)

@@ -28,9 +28,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from cmad.errors import ConfigError
+from cmad.progress import progress as progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +209,7 @@ class CrossModalMapping:
         self.history = []
         n = za.shape[0]
         per_epoch = min(cfg.patches_per_epoch, n)
-        bar = tqdm(range(cfg.epochs), desc="mapping", leave=False, disable=not progress)
+        bar = progress_bar(range(cfg.epochs), desc="mapping", unit="epoch", enabled=progress)
         for epoch in bar:
             net.train()
             idx_all = torch.randperm(n, generator=gen)[:per_epoch]
@@ -236,6 +236,7 @@ class CrossModalMapping:
                     log.debug("mapping: early stop at epoch %d (best %d)", epoch + 1,
                               self.best_epoch)
                     break
+        bar.close()
         if best_state is None:
             raise ValueError("mapping training diverged: the loss is not finite (lower lr)")
         log.debug("mapping: %d epochs, best %d (validation loss %.4f)", len(self.history),

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from cmad.data.io import write_bytes_atomic
+from cmad.progress import progress as progress_bar
 from cmad.report.figures import (
     panel_filename,
     render_few_shot,
@@ -24,7 +24,7 @@ from cmad.report.figures import (
     render_panel,
     write_png,
 )
-from cmad.report.html import PanelLink, render_index
+from cmad.report.html import DETAILS, PanelLink, render_details, render_index, summary_panels
 from cmad.report.tables import (
     METRICS,
     Table,
@@ -58,8 +58,9 @@ def write_report(out_dir: Path, results: dict, panels: list[dict], *,
     """Write the whole report into `out_dir` (created if needed); returns index.html's path.
 
     Files: results.json, tables.md, tables/<metric>.md|.csv, tables/efficiency.md|.csv,
-    tables/per_defect.md|.csv, tables/few_shot.md|.csv (with shots), figures/*.png and
-    index.html. `quiet` hides the progress bar over panels.
+    tables/per_defect.md|.csv, tables/few_shot.md|.csv (with shots), figures/*.png,
+    index.html (the summary: headline table, charts, a few panels) and details.html (every
+    table and panel). `quiet` hides the progress bar over panels.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -93,8 +94,11 @@ def write_report(out_dir: Path, results: dict, panels: list[dict], *,
                                                   per_defect, few_shot, decision, runtimes))
 
     charts: list[tuple[str, str]] = []
+    widest = 0
     for metric, name in BAR_CHARTS:
-        write_png(out / "figures" / name, render_metric_bars(results, metric))
+        png = render_metric_bars(results, metric)
+        widest = max(widest, png_width(png))
+        write_png(out / "figures" / name, png)
         charts.append((f"figures/{name}", f"{metric} per category by method"))
     few_png = render_few_shot(results)
     if few_png is not None:
@@ -103,7 +107,8 @@ def write_report(out_dir: Path, results: dict, panels: list[dict], *,
 
     links: list[PanelLink] = []
     used: set[str] = set()
-    for panel in tqdm(panels, desc="report panels", unit="panel", disable=quiet or not panels):
+    for panel in progress_bar(panels, desc="report panels", unit="panel",
+                              enabled=not quiet and bool(panels)):
         name = _unique(panel_filename(str(panel.get("category", "")),
                                       str(panel.get("defect_type", "")),
                                       str(panel.get("stem", ""))), used)
@@ -117,12 +122,16 @@ def write_report(out_dir: Path, results: dict, panels: list[dict], *,
                                src=f"figures/{name}"))
 
     index = out / "index.html"
-    accuracy = [*metric_tables, *([decision] if decision else [])]
-    _write_text(index, render_index(results, headline=headline, metric_tables=accuracy,
-                                    efficiency=efficiency, per_defect=per_defect,
-                                    few_shot=few_shot, charts=charts, panels=links,
-                                    files=files))
-    logger.info("report written to %s (%d panels)", out, len(links))
+    accuracy = [*metric_tables, *([decision] if decision else []), *([runtimes] if runtimes else [])]
+    files.insert(0, (DETAILS, "every table and all anomaly-map panels"))
+    _write_text(out / DETAILS, render_details(results, metric_tables=accuracy,
+                                              efficiency=efficiency, per_defect=per_defect,
+                                              few_shot=few_shot, charts=charts, panels=links))
+    _write_text(index, render_index(results, headline=headline,
+                                    charts=[c for c in charts if "few_shot" not in c[0]],
+                                    panels=summary_panels(links), n_panels=len(links),
+                                    files=files, side_by_side=widest <= WIDE_CHART_PX))
+    logger.debug("report written to %s (%d panels)", out, len(links))
     return index
 
 
@@ -145,6 +154,16 @@ def _all_tables_md(results: Mapping[str, Any], headline: Table, metric_tables: S
     if few_shot is not None:
         parts += ["## Few-shot", "", few_shot.to_markdown(level=3)]
     return "\n".join(parts)
+
+
+WIDE_CHART_PX = 1000   # wider charts (many methods) are shown one under the other
+
+
+def png_width(png: bytes) -> int:
+    """The width in pixels from a PNG's IHDR chunk (0 if it is not a PNG)."""
+    if png[:8] != b"\x89PNG\r\n\x1a\n" or len(png) < 24:
+        return 0
+    return int.from_bytes(png[16:20], "big")
 
 
 def _write_table(folder: Path, table: Table) -> None:

@@ -130,6 +130,26 @@ def fmt_ratio(v: Any) -> str:
     return f"{x:.2f}x" if abs(x) < 10 else f"{x:.1f}x"
 
 
+def load_range(entry: Mapping[str, Any]) -> tuple[float, float]:
+    """The lowest and highest 1-minute load average while a method was timed (NaN if not
+    recorded)."""
+    v = entry.get("load_average")
+    if isinstance(v, (list, tuple)) and len(v) == 2:
+        return as_float(v[0]), as_float(v[1])
+    return math.nan, math.nan
+
+
+def fmt_load(lo: Any, hi: Any) -> str:
+    """A load-average range: '1.20' or '1.20-3.40'; n/a when not recorded."""
+    a, b = as_float(lo), as_float(hi)
+    if not (math.isfinite(a) and math.isfinite(b)):
+        return NA
+    return f"{a:.2f}" if f"{a:.2f}" == f"{b:.2f}" else f"{a:.2f}-{b:.2f}"
+
+
+LOAD_HEADER = "load avg (1 min)"
+
+
 def ratio(num: Any, den: Any) -> float:
     """num / den, NaN when either is missing or den is not positive."""
     a, b = as_float(num), as_float(den)
@@ -206,10 +226,11 @@ def efficiency_table(results: Mapping[str, Any], baseline: str = BASELINE) -> Ta
     base = methods.get(baseline)
     header = ["Method", "fit (s)", "infer (ms/sample)", "samples/s",
               *(f"{s} (ms)" for s in stages), "model size", "bank entries", "bank size",
-              "peak RSS (MB)"]
+              "peak RSS (MB)", LOAD_HEADER]
     csv_header = ["method", "fit_s", "infer_ms_per_sample", "samples_per_s",
                   *(f"stage_{slugify(s).replace('-', '_')}_ms" for s in stages),
-                  "model_bytes", "bank_entries", "bank_bytes", "peak_rss_mb"]
+                  "model_bytes", "bank_entries", "bank_bytes", "peak_rss_mb",
+                  "load_avg_min", "load_avg_max"]
     if base is not None:
         header += [f"time vs {baseline}", f"size vs {baseline}", f"banks vs {baseline}"]
         csv_header += [f"time_vs_{baseline}", f"size_vs_{baseline}", f"banks_vs_{baseline}"]
@@ -225,6 +246,9 @@ def efficiency_table(results: Mapping[str, Any], baseline: str = BASELINE) -> Ta
                             as_float(e.get("bank_bytes")), as_float(e.get("peak_rss_mb"))]
         row_t = [str(name), *(fmt_number(x) for x in row_v[1:4 + len(stages)]),
                  fmt_bytes(row_v[-4]), fmt_int(row_v[-3]), fmt_bytes(row_v[-2]), fmt_number(row_v[-1])]
+        load = load_range(e)
+        row_v += list(load)
+        row_t.append(fmt_load(*load))
         if base is not None:
             t = ratio(infer, base.get("infer_ms_per_sample"))
             s = ratio(e.get("model_bytes"), base.get("model_bytes"))
@@ -234,7 +258,8 @@ def efficiency_table(results: Mapping[str, Any], baseline: str = BASELINE) -> Ta
         values.append([_int_if_whole(v) for v in row_v])
         cells.append(row_t)
     note = ("Inference is the median per sample over the test set after warm-up; "
-            "stage columns are milliseconds per sample.")
+            "stage columns are milliseconds per sample; the load average is the machine's "
+            "while the method was timed (above the CPU count, other work slowed it).")
     if base is not None:
         note += (f" Ratios are against `{baseline}`: inference time per sample, model size "
                  "and bank size (below 1x is cheaper).")
@@ -395,9 +420,9 @@ def headline_table(results: Mapping[str, Any], baseline: str = BASELINE) -> Tabl
     methods = methods_of(results)
     base = methods.get(baseline)
     header = ["Method", *(f"{k} (mean)" for k in HEADLINE_METRICS), "FPR / FNR at threshold",
-              "infer (ms/sample)", "model size"]
+              "infer (ms/sample)", LOAD_HEADER, "model size"]
     csv_header = ["method", *(f"mean_{k}" for k in HEADLINE_METRICS), "mean_fpr", "mean_fnr",
-                  "infer_ms_per_sample", "model_bytes"]
+                  "infer_ms_per_sample", "load_avg_min", "load_avg_max", "model_bytes"]
     if base is not None:
         header += [f"time vs {baseline}", f"size vs {baseline}"]
         csv_header += [f"time_vs_{baseline}", f"size_vs_{baseline}"]
@@ -408,9 +433,11 @@ def headline_table(results: Mapping[str, Any], baseline: str = BASELINE) -> Tabl
         infer, size = as_float(e.get("infer_ms_per_sample")), as_float(e.get("model_bytes"))
         dm = e.get("decision_mean") or {}
         fpr, fnr = as_float(dm.get("fpr")), as_float(dm.get("fnr"))
-        row_v: list[Any] = [name, *nums, fpr, fnr, infer, _int_if_whole(size)]
+        load = load_range(e)
+        row_v: list[Any] = [name, *nums, fpr, fnr, infer, *load, _int_if_whole(size)]
         row_t = [str(name), *(fmt_metric(x) for x in nums),
-                 f"{fmt_rate(fpr)} / {fmt_rate(fnr)}", fmt_number(infer), fmt_bytes(size)]
+                 f"{fmt_rate(fpr)} / {fmt_rate(fnr)}", fmt_number(infer), fmt_load(*load),
+                 fmt_bytes(size)]
         if base is not None:
             t = ratio(infer, base.get("infer_ms_per_sample"))
             s = ratio(size, base.get("model_bytes"))
@@ -422,7 +449,8 @@ def headline_table(results: Mapping[str, Any], baseline: str = BASELINE) -> Tabl
                  values=values, bold=best_cells(cells, range(1, len(HEADLINE_METRICS) + 1)),
                  note="Mean over categories; best accuracy per column in bold. FPR / FNR: good "
                       "parts judged anomalous / defective parts judged normal by the stored "
-                      "threshold (chosen on validation normals) on the test split.",
+                      "threshold (chosen on validation normals) on the test split. The load "
+                      "average is the machine's while each method was timed.",
                  slug="headline")
 
 

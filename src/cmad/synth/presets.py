@@ -11,6 +11,10 @@ SIZES: dict[str, dict] = {
     "small": {"scale": 0.5, "n_categories": 3, "train": 12, "validation": 4,
               "test_good": 4, "test_per_defect": 2,
               "description": "about 160 x 120 px, 3 categories, 12/4/16 samples"},
+    # `make demo`: full-size images, fewer categories and samples, so that it runs in minutes
+    "demo": {"scale": 1.0, "n_categories": 3, "train": 16, "validation": 6,
+             "test_good": 6, "test_per_defect": 2,
+             "description": "about 320 x 240 px, 3 categories, 16/6/18 samples: `make demo`"},
     "default": {"scale": 1.0, "n_categories": 5, "train": 40, "validation": 10,
                 "test_good": 10, "test_per_defect": 5,
                 "description": "about 320 x 240 px, 5 categories, 40/10/40 samples"},

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from cmad.data.io import write_bytes_atomic, write_png_atomic, write_tiff_atomic
 from cmad.errors import ConfigError, DataError
+from cmad.progress import progress as progress_bar
 from cmad.synth.catalog import CATEGORIES, CATEGORY_NAMES, CLASS_IDS, CategorySpec, get_category
 from cmad.synth.presets import sample_plan, split_counts
 from cmad.synth.sample import make_sample
@@ -121,8 +122,6 @@ def generate(out: Path, categories: int | list[str] | None = None, seed: int = 0
     complete; an existing category folder is replaced only if it is cmad synthetic data.
     workers: processes to render with (default: the CPUs available; small jobs run in this
     process). The files do not depend on the number of workers."""
-    from tqdm import tqdm
-
     preset = split_counts(size, train)
     if categories is None:
         names = CATEGORY_NAMES[:preset["n_categories"]]
@@ -156,7 +155,8 @@ def generate(out: Path, categories: int | list[str] | None = None, seed: int = 0
     # fork only: forkserver/spawn would re-run the caller's main module
     if len(jobs) < 48 or sys.platform != "linux" or "fork" not in mp.get_all_start_methods():
         n_workers = 1
-    with tqdm(total=len(jobs), desc="synth", unit="sample", disable=not progress) as bar:
+    with progress_bar(total=len(jobs), desc="synth", unit="sample", enabled=progress,
+                      leave=True) as bar:
         if n_workers == 1:
             for job in jobs:
                 _write_sample(job)
