@@ -48,7 +48,6 @@ import numpy as np
 import torch
 from safetensors.torch import save as st_save
 from torch import nn
-from tqdm.auto import tqdm
 
 from cmad import __version__
 from cmad.data.io import write_bytes_atomic
@@ -60,6 +59,7 @@ from cmad.features.rgb import ONNX_OPSET, onnx_session
 from cmad.model.config import DetectorConfig
 from cmad.model.decision import Decision
 from cmad.pipeline import Detector, modalities_of_sample
+from cmad.progress import progress as progress_bar
 from cmad.runtime import thread_limit
 from cmad.types import Prediction, Prepared, Sample
 
@@ -407,8 +407,8 @@ class OnnxDetector:
         ms: dict[str, float] = {}
         bs = self.config.batch_size
         n = max(len(samples), 1)
-        with tqdm(total=len(samples), desc="predict (onnx)", unit="sample", leave=False,
-                  disable=not progress) as bar:
+        with progress_bar(total=len(samples), desc="predict (onnx)", unit="sample",
+                          enabled=progress) as bar:
             for s in range(0, len(samples), bs):
                 chunk = samples[s : s + bs]
                 t = time.perf_counter()
