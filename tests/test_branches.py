@@ -73,5 +73,5 @@ def test_branch_scores_have_the_batch_grid_shape(tiny_root):
     for name, (s, v) in raw.items():
         assert s.shape == v.shape == (2, 8, 8), name
         assert v.dtype == torch.bool and torch.isfinite(s).all()
-    assert set(ms) == {"bank_search", "alignment"}
+    assert set(ms) == {REGISTRY[b].stage for b in det.branches}
     assert np.all(np.array(list(ms.values())) >= 0)

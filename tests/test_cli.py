@@ -106,7 +106,7 @@ def test_predict_mispaired_input_names_the_file(model_dir, tiny_root, tmp_path):
 
 
 def test_load_of_foreign_directory_is_clear_error(tmp_path, tiny_root):
-    r = _run("evaluate", "--model", tmp_path, "--data", tiny_root, "--category", "x")
+    r = _run("evaluate", "--model", tmp_path, "--data", tiny_root, "--category", "gland")
     assert r.exit_code == 2
     assert "not a cmad model directory" in r.output
 

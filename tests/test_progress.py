@@ -80,6 +80,7 @@ def test_detector_bars_count_samples(monkeypatch: pytest.MonkeyPatch,
             return None, {}
 
     det._extractor = _Ext()
+    det.xyz_scale = None  # no unit check
     monkeypatch.setattr(det, "predict_features",
                         lambda fm, prep, branch_maps=True: ([0] * len(prep), {}), raising=False)
     out, _ = det.predict_timed(list(range(10)), progress=True)

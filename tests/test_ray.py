@@ -87,7 +87,7 @@ def test_predict_on_ray_writes_the_local_outputs(ray_local, tiny_model, tmp_path
     b = write_outputs(tmp_path / "ray", rs, rp, det.decision)
     names = sorted(p.relative_to(a).as_posix() for p in a.rglob("*") if p.is_file())
     assert names == sorted(p.relative_to(b).as_posix() for p in b.rglob("*") if p.is_file())
-    assert len(names) == 2 * len(samples) + 1
+    assert len(names) == 3 * len(samples) + 1  # maps, masks, overlays, scores.json
     for n in names:
         assert (a / n).read_bytes() == (b / n).read_bytes(), n
 

@@ -362,8 +362,8 @@ def _decision(det, threshold: float | None, fpr: float | None, pixel_fpr: float 
 
 @app.command()
 def predict(
-    model: Path = typer.Option(..., "--model", help="model folder written by `cmad fit` (or, "
-                               "with --runtime onnx, an exported .onnx file)"),
+    model: Path = typer.Option(..., "--model", help="model folder written by `cmad fit`, or "
+                               "an exported .onnx file for the onnx runtime"),
     out: Path = typer.Option(..., "--out", help="folder for maps/, overlays/ and scores.json"),
     rgb: Path | None = typer.Option(None, "--rgb", show_default="none",
                                     help="one RGB image (PNG)"),
@@ -376,7 +376,7 @@ def predict(
     address: str | None = typer.Option(
         None, "--address", show_default="a private local Ray instance",
         help="Ray cluster to join (auto or HOST:PORT)"),
-    workers: int | None = typer.Option(None, "--workers", show_default="cluster CPUs / --threads",
+    workers: int | None = typer.Option(None, "--workers", show_default="cluster CPUs / threads",
                                        help="Ray actors"),
     threshold: float | None = typer.Option(
         None, "--threshold", show_default="the model's stored threshold",
@@ -478,22 +478,25 @@ def serve(
 
 @app.command()
 def calibrate(
-    model: Path = typer.Option(..., "--model", help="model folder written by `cmad fit`"),
+    model: Path = _model_opt(),
     data: Path = typer.Option(
         ..., "--data", help="normal parts the model was not trained on: a folder with rgb/ "
         "and xyz/ subfolders (every sample taken as normal), or a dataset root, whose "
         "validation/good samples are used"),
     category: str | None = typer.Option(
-        None, "--category", help="the category of a dataset root (default: its only one)"),
+        None, "--category", show_default="the dataset's only category",
+        help="the category of a dataset root"),
     fpr: float | None = typer.Option(
-        None, "--fpr", help="target false-positive rate (default: the model's, e.g. 0.01)"),
+        None, "--fpr", show_default="the model's, e.g. 0.01",
+        help="target false-positive rate"),
     pixel_fpr: float | None = typer.Option(
-        None, "--pixel-fpr", help="target rate of normal pixels in the predicted masks "
-        "(default: the model's)"),
+        None, "--pixel-fpr", show_default="the model's",
+        help="target rate of normal pixels in the predicted masks"),
     out: Path | None = typer.Option(
-        None, "--out", help="write the re-calibrated model here (default: replace --model)"),
-    threads: int = typer.Option(2, "--threads", help="CPU threads"),
-    quiet: bool = typer.Option(False, "--quiet", help="no progress or log lines"),
+        None, "--out", show_default="replace --model",
+        help="write the re-calibrated model here"),
+    threads: int = _threads_opt(),
+    quiet: bool = _quiet_opt(),
 ) -> None:
     """Re-pick the image and pixel thresholds on your own normal parts, without refitting."""
     _setup(quiet, threads)

@@ -6,6 +6,7 @@ between calls (timings are returned as values). `cmad.pipeline.Detector` feeds i
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,11 +34,20 @@ from cmad.model.fusion import (
 log = logging.getLogger(__name__)
 
 
+THREE_D_DEFAULT = ("geom_bank",)
+
+
 def active_branches(branches: Sequence[str], modalities: Sequence[str],
                     config: DetectorConfig | None = None) -> tuple[str, ...]:
-    """The branches whose features these modalities (rgb and/or xyz) provide."""
+    """The branches whose features these modalities (rgb and/or xyz) provide.
+
+    The default branches all need RGB; on 3D-only data the default model is the geometry
+    bank instead (`THREE_D_DEFAULT`), which reads the cloud alone."""
     cfg = config or DetectorConfig()
-    return tuple(b for b in branches if branch_class(b).modalities(cfg) <= set(modalities))
+    out = tuple(b for b in branches if branch_class(b).modalities(cfg) <= set(modalities))
+    if not out and tuple(branches) == DetectorConfig().branches and set(modalities) == {"xyz"}:
+        out = THREE_D_DEFAULT
+    return out
 
 
 def feature_needs(config: DetectorConfig, modalities: Sequence[str]) -> set[str]:
@@ -232,8 +242,13 @@ class DetectorCore:
         core.branches = [REGISTRY[n](config) for n in names]
         core.norm = {n: (float(meta["norm"][n][0]), float(meta["norm"][n][1])) for n in names}
         core.weights = {n: float(meta["weights"][n]) for n in names}
+        threshold = float(meta["threshold"])  # ValueError / TypeError on a bad value
         core.decision = (Decision.from_dict(meta["decision"]) if "decision" in meta
-                         else Decision.legacy(float(meta["threshold"])))
+                         else Decision.legacy(threshold))
+        if core.decision.threshold != threshold and not (
+                math.isinf(threshold) and math.isinf(core.decision.threshold)):
+            raise ValueError(f"threshold {threshold} differs from the decision's "
+                             f"{core.decision.threshold}")
         for b in core.branches:
             own = {k[len(b.name) + 1:]: v for k, v in tensors.items() if k.startswith(f"{b.name}.")}
             b.load_state_dict(own, meta["branch_meta"].get(b.name, {}))
