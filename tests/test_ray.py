@@ -42,6 +42,16 @@ def test_an_address_where_no_cluster_listens_is_refused_at_once():
         _probe("head:abc")
 
 
+def _rounded(x):
+    if isinstance(x, float):
+        return round(x, 9)
+    if isinstance(x, dict):
+        return {k: _rounded(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_rounded(v) for v in x]
+    return x
+
+
 def test_bench_on_ray_has_the_local_metrics(ray_local, tiny_root, tmp_path):
     from cmad.bench import run_bench
     from cmad.model.config import DetectorConfig
@@ -57,7 +67,9 @@ def test_bench_on_ray_has_the_local_metrics(ray_local, tiny_root, tmp_path):
              for m, r in local[key].items()}
         b = {m: {k: v for k, v in r.items() if k in ("categories", "per_defect", "mean")}
              for m, r in remote[key].items()}
-        assert json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+        # bit for bit for the banks; the default's mapping (trained in another process) has
+        # been seen to differ in the 14th digit of a metric, so compare to 1e-9
+        assert json.dumps(_rounded(a), sort_keys=True) == json.dumps(_rounded(b), sort_keys=True)
     assert set(remote["shots"]["2"]) >= {"rgb-bank", "cmad"}
     # the report was written from the Ray run too, panels included
     assert (tmp_path / "ray" / "results.json").is_file()
