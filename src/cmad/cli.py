@@ -544,7 +544,7 @@ def _normal_parts(data: Path, category: str | None, modalities: list[str]) -> li
 
 @app.command()
 def export(
-    model: Path = typer.Option(..., "--model", help="model folder written by `cmad fit`"),
+    model: Path = _model_opt(),
     out: Path = typer.Option(..., "--out", help="the .onnx file to write"),
     threads: int = _threads_opt(),
     quiet: bool = _quiet_opt(),

@@ -58,8 +58,7 @@ from cmad.features.graph import FeatureGraph
 from cmad.features.rgb import ONNX_OPSET, onnx_session
 from cmad.model.config import DetectorConfig
 from cmad.model.decision import Decision
-from cmad.pipeline import Detector, modalities_of_sample
-from cmad.progress import progress as progress_bar
+from cmad.pipeline import Detector, modalities_of_sample, predict_in_batches
 from cmad.runtime import thread_limit
 from cmad.types import Prediction, Prepared, Sample
 
@@ -403,28 +402,17 @@ class OnnxDetector:
             if not set(self.modalities) <= set(have):
                 raise DataError(smp.paths.rgb or smp.paths.xyz,
                                 f"the model needs {self.modalities}; this sample has {have}")
-        out: list[Prediction] = []
-        ms: dict[str, float] = {}
-        bs = self.config.batch_size
-        n = max(len(samples), 1)
-        with progress_bar(total=len(samples), desc="predict (onnx)", unit="sample",
-                          enabled=progress) as bar:
-            for s in range(0, len(samples), bs):
-                chunk = samples[s : s + bs]
-                t = time.perf_counter()
-                prep = self.prepare(chunk)
-                part = {"preprocess": (time.perf_counter() - t) * 1000.0 / len(chunk)}
-                scores, maps, t_run = self.run(prep)
-                part.update(t_run)
-                for k, v in part.items():
-                    ms[k] = ms.get(k, 0.0) + v * len(chunk) / n
-                for i, p in enumerate(prep):
-                    out.append(Prediction(
-                        score=float(scores[i]), anomaly_map=to_original(maps[i], p.geometry),
-                        anomaly_map_work=np.ascontiguousarray(maps[i], dtype=np.float32),
-                        key=p.key, label=p.label, defect_type=p.defect_type))
-                bar.update(len(chunk))
-        return out, ms
+
+        def step(prep: list[Prepared]) -> tuple[list[Prediction], dict[str, float]]:
+            scores, maps, t_run = self.run(prep)
+            return [Prediction(
+                score=float(scores[i]), anomaly_map=to_original(maps[i], p.geometry),
+                anomaly_map_work=np.ascontiguousarray(maps[i], dtype=np.float32),
+                key=p.key, label=p.label, defect_type=p.defect_type)
+                for i, p in enumerate(prep)], t_run
+
+        return predict_in_batches(samples, self.config.batch_size, self.prepare, step,
+                                  "predict (onnx)", progress)
 
     def predict(self, samples: Sequence[Sample], progress: bool = False) -> list[Prediction]:
         return self.predict_timed(samples, progress)[0]

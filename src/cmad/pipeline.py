@@ -18,7 +18,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +78,32 @@ def pixel_area(prepared: Sequence[Prepared]) -> np.ndarray:
 def _add(into: dict[str, float], more: dict[str, float], weight: float = 1.0) -> None:
     for k, v in more.items():
         into[k] = into.get(k, 0.0) + v * weight
+
+
+def predict_in_batches(
+    samples: Sequence[Sample], batch_size: int,
+    prepare: Callable[[Sequence[Sample]], list[Prepared]],
+    step: Callable[[list[Prepared]], tuple[list[Prediction], dict[str, float]]],
+    desc: str, progress: bool,
+) -> tuple[list[Prediction], dict[str, float]]:
+    """`prepare` then `step` (prepared batch -> predictions, ms per sample by stage) over
+    batches of `samples`, with one progress bar counting samples; returns the predictions
+    and the ms per sample of each stage ("preprocess" included), weighted by batch size."""
+    out: list[Prediction] = []
+    ms: dict[str, float] = {}
+    n = max(len(samples), 1)
+    with progress_bar(total=len(samples), desc=desc, unit="sample", enabled=progress) as bar:
+        for s in range(0, len(samples), batch_size):
+            chunk = samples[s : s + batch_size]
+            t = time.perf_counter()
+            prep = prepare(chunk)
+            _add(ms, {"preprocess": (time.perf_counter() - t) * 1000.0 / len(chunk)},
+                 len(chunk) / n)
+            preds, t_step = step(prep)
+            _add(ms, t_step, len(chunk) / n)
+            out.extend(preds)
+            bar.update(len(chunk))
+    return out, ms
 
 
 def check_model_dir(out: str | Path) -> Path:
@@ -288,25 +314,15 @@ class Detector:
             raise RuntimeError("the detector has not been fitted or loaded")
         self._check_modalities(samples)
         self._check_units(samples)
-        out: list[Prediction] = []
-        ms: dict[str, float] = {}
-        bs = self.config.batch_size
-        n = max(len(samples), 1)
-        with progress_bar(total=len(samples), desc="predict", unit="sample",
-                          enabled=progress) as bar:
-            for s in range(0, len(samples), bs):
-                chunk = samples[s : s + bs]
-                t = time.perf_counter()
-                prep = self.prepare(chunk)
-                _add(ms, {"preprocess": (time.perf_counter() - t) * 1000.0 / len(chunk)},
-                     len(chunk) / n)
-                fm, t_feat = self.extractor.extract(prep)
-                preds, t_own = self.predict_features(fm, prep, branch_maps=branch_maps)
-                _add(ms, t_feat, len(chunk) / n)
-                _add(ms, t_own, len(chunk) / n)
-                out.extend(preds)
-                bar.update(len(chunk))
-        return out, ms
+
+        def step(prep: list[Prepared]) -> tuple[list[Prediction], dict[str, float]]:
+            fm, t_feat = self.extractor.extract(prep)
+            preds, t_own = self.predict_features(fm, prep, branch_maps=branch_maps)
+            _add(t_feat, t_own)
+            return preds, t_feat
+
+        return predict_in_batches(samples, self.config.batch_size, self.prepare, step,
+                                  "predict", progress)
 
     def predict(self, samples: Sequence[Sample], progress: bool = False,
                 branch_maps: bool = True) -> list[Prediction]:

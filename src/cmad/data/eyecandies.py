@@ -51,7 +51,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from cmad.data.io import clean_cloud, read_gt, read_rgb
+from cmad.data.io import clean_cloud, read_rgb, read_sample_gt
 from cmad.errors import ConfigError, DataError
 from cmad.progress import progress as progress_bar
 from cmad.types import Sample, SamplePaths
@@ -392,19 +392,7 @@ class EyecandiesCategory:
         depth = dequantise_depth(q, lo, hi, self.options.depth_scale)
         xyz, valid = unproject(depth, self.options.focal_length)
         clean_cloud(xyz, valid, ref.xyz_path)
-        gt_values: np.ndarray | None = None
-        if ref.gt_path is not None:
-            gt_values = read_gt(ref.gt_path)
-            if gt_values.shape != size:
-                raise DataError(ref.gt_path, f"size {_wh(gt_values.shape)} (W x H) differs "
-                                             f"from {ref.rgb_path.name} {_wh(size)}")
-            gt = gt_values > 0
-        else:
-            gt = np.zeros(size, dtype=bool)
-        if ref.label == 1 and not gt.any():
-            logger.warning("%s: anomalous sample with an empty mask", ref.gt_path)
-        elif ref.label == 0 and gt.any():
-            logger.warning("%s: normal sample with defect pixels in its mask", ref.gt_path)
+        gt, gt_values = read_sample_gt(ref.gt_path, size, ref.rgb_path, ref.label)
         return Sample(
             rgb=rgb, xyz=xyz, valid=valid, gt=gt, label=ref.label,
             defect_type=ref.defect_type, stem=ref.stem, category=self.name, split=ref.split,

@@ -121,6 +121,27 @@ MAX_ABS_COORD = 1e6
 FAR_FACTOR = 100.0
 
 
+
+def read_sample_gt(path: Path | None, size: tuple[int, int], image: Path,
+                   label: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """(bool defect mask, its per-pixel values or None) of one sample: its gt file checked
+    against the (H, W) `size` of its `image`, or an empty mask when it has none; a warning
+    when the mask disagrees with the label."""
+    gt_values: np.ndarray | None = None
+    if path is not None:
+        gt_values = read_gt(path)
+        if gt_values.shape != size:
+            raise DataError(path, f"size {gt_values.shape[1]}x{gt_values.shape[0]} (W x H) "
+                                  f"differs from {image.name} {size[1]}x{size[0]}")
+        gt = gt_values > 0
+    else:
+        gt = np.zeros(size, dtype=bool)
+    if label == 1 and not gt.any():
+        logger.warning("%s: defect sample with an empty gt mask", path)
+    elif label == 0 and gt.any():
+        logger.warning("%s: normal sample with defect pixels in its gt mask", path)
+    return gt, gt_values
+
 def clean_cloud(xyz: np.ndarray, valid: np.ndarray, path: str | Path | None) -> None:
     """Mark far outliers invalid in place (set to exactly 0) and refuse a cloud without any
     valid point.

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cmad.data.io import read_gt, read_rgb, read_xyz
+from cmad.data.io import read_rgb, read_sample_gt, read_xyz
 from cmad.errors import DataError
 from cmad.progress import progress as progress_bar
 from cmad.types import Sample, SamplePaths
@@ -314,19 +314,7 @@ class Category:
                                           f"{first_path.name} {_wh(size)}")
         if valid is None:
             valid = np.ones(size, dtype=bool)
-        gt_values: np.ndarray | None = None
-        if ref.gt_path is not None:
-            gt_values = read_gt(ref.gt_path)
-            if gt_values.shape != size:
-                raise DataError(ref.gt_path, f"size {_wh(gt_values.shape)} (W x H) differs "
-                                             f"from {first_path.name} {_wh(size)}")
-            gt = gt_values > 0
-        else:
-            gt = np.zeros(size, dtype=bool)
-        if ref.label == 1 and not gt.any():
-            logger.warning("%s: defect sample with an empty gt mask", ref.gt_path)
-        elif ref.label == 0 and gt.any():
-            logger.warning("%s: normal sample with defect pixels in its gt mask", ref.gt_path)
+        gt, gt_values = read_sample_gt(ref.gt_path, size, first_path, ref.label)
         return Sample(
             rgb=rgb, xyz=xyz, valid=valid, gt=gt, label=ref.label,
             defect_type=ref.defect_type, stem=ref.stem, category=self.name, split=ref.split,
