@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cmad.bench import METHODS, PeakRSS, load_average, machine_info, method_config, stages_of
 from cmad.data.io import atomic_folder, write_bytes_atomic
 from cmad.data.splits import select_shots, split_source
 from cmad.errors import ConfigError
@@ -63,12 +64,6 @@ def _timed(ext: FeatureExtractor, prepared: Sequence, desc: str, progress: bool
     return FeatureMaps.cat(parts), {k: float(np.median(v)) for k, v in times.items()}
 
 
-def _stages(needs: set[str]) -> list[str]:
-    from cmad.bench import stages_of
-
-    return stages_of(needs)
-
-
 def exponent(ns: Sequence[int], ys: Sequence[float]) -> float:
     """Slope of log(y) against log(n): y grows about as n ** slope."""
     ns_, ys_ = np.asarray(ns, float), np.asarray(ys, float)
@@ -83,7 +78,6 @@ def run_cost_curve(data: Path, out: Path, category: str, methods: Sequence[str],
                    n_test: int = 20, progress: bool = True) -> dict:
     """Measure the cost curve of `methods` on one category; write `out` (results.json,
     cost_curve.md, cost_curve.png) whole or not at all. Returns the results."""
-    from cmad.bench import METHODS, PeakRSS, machine_info, method_config
     from cmad.data import open_dataset
 
     set_threads(threads)
@@ -118,7 +112,7 @@ def run_cost_curve(data: Path, out: Path, category: str, methods: Sequence[str],
             ms.append((time.perf_counter() - t) * 1000.0)
         return items, float(np.median(ms))
 
-    load0 = _loadavg()
+    load0 = load_average()
     train, prep_ms = prepared(train_s, f"{category} preprocess train")
     val, _ = prepared(val_s, f"{category} preprocess validation")
     test, _ = prepared(test_s, f"{category} preprocess test")
@@ -134,7 +128,7 @@ def run_cost_curve(data: Path, out: Path, category: str, methods: Sequence[str],
         t = time.perf_counter()
         calib_fm, _ = det0.features(calib, cache=False)
         calib_s = time.perf_counter() - t + prep_ms * len(val) / 1000.0
-        stages = _stages(feature_needs(cfg, modalities))
+        stages = stages_of(feature_needs(cfg, modalities))
         per_sample_feat_ms = prep_ms + sum(train_ms.get(s, 0.0) for s in stages)
         # warm-up fit (numba compilation, allocator), not recorded
         Detector(cfg, extractor=ext).fit_features(train_fm.select(list(range(counts[0]))),
@@ -173,7 +167,7 @@ def run_cost_curve(data: Path, out: Path, category: str, methods: Sequence[str],
     results = {
         "category": category, "data": str(data), "counts": list(counts), "size": size,
         "seed": seed, "n_test": len(test), "machine": machine_info(threads),
-        "load_average": {"before": load0, "after": _loadavg()},
+        "load_average": {"before": load0, "after": load_average()},
         "created": _dt.datetime.now().isoformat(timespec="seconds"), "command": " ".join(sys.argv),
         "descriptions": {m: METHODS[m][1] for m in methods},
         "feature_ms_per_sample": {"preprocess": prep_ms, **train_ms},
@@ -190,15 +184,6 @@ def run_cost_curve(data: Path, out: Path, category: str, methods: Sequence[str],
         write_bytes_atomic(tmp / "cost_curve.md", table_md(results).encode())
         write_bytes_atomic(tmp / "cost_curve.png", plot_png(results))
     return results
-
-
-def _loadavg() -> list[float] | None:
-    try:
-        import os
-
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
 
 
 def table_md(results: dict) -> str:
