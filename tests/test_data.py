@@ -549,3 +549,44 @@ def test_dataset_info_collects_problems(tmp_path: Path) -> None:
                      "good/xyz/001.tiff: size 64x40", "combined/gt/000.png: size 50x48"):
         assert expected in problems
     assert "problems in widget:" in format_info({"categories": {"widget": info}})
+
+
+def _reference_far(xyz, valid):
+    """Far outliers by the definition, with exact medians over every valid point."""
+    from cmad.data.io import FAR_FACTOR, MAX_ABS_COORD
+
+    pts = xyz[valid].astype(np.float64)
+    far = np.abs(pts).max(axis=1) > MAX_ABS_COORD
+    centre = np.median(pts[~far], axis=0)
+    dist = np.linalg.norm(pts - centre, axis=1)
+    far |= dist > FAR_FACTOR * np.median(dist[~far])
+    out = np.zeros(valid.shape, dtype=bool)
+    out[valid] = far
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_clean_cloud_matches_exact_medians_on_a_large_cloud(seed):
+    """The fast far-outlier test (medians on a subsample, float32 distances) marks the same
+    points as the definition with exact medians, on a cloud larger than the subsample."""
+    from cmad.data.io import MEDIAN_POINTS, clean_cloud
+
+    rng = np.random.default_rng(seed)
+    h, w = 400, 500
+    assert h * w > 2 * MEDIAN_POINTS
+    xyz = np.stack([rng.normal(0, 0.05, (h, w)), rng.normal(0, 0.05, (h, w)),
+                    0.5 + rng.normal(0, 0.01, (h, w))], 2).astype(np.float32)
+    valid = rng.random((h, w)) > 0.1
+    xyz[~valid] = 0
+    planted = [(3, 4, 1e7), (10, 20, 50.0), (100, 200, -30.0), (399, 499, 1e30)]
+    for y, x, v in planted:
+        xyz[y, x] = v
+        valid[y, x] = True
+    expect = _reference_far(xyz, valid)
+    assert expect.sum() == len(planted)
+    got_valid = valid.copy()
+    got_xyz = xyz.copy()
+    clean_cloud(got_xyz, got_valid, "cloud.tiff")
+    assert np.array_equal(valid & ~got_valid, expect)
+    assert (got_xyz[expect] == 0).all()
+    assert np.array_equal(got_xyz[got_valid], xyz[got_valid])

@@ -240,3 +240,27 @@ def test_feature_stages_in_torch_match_numpy_and_numba(data):
     for n in (grid[0], SIZE):
         got = g.image_mask(box, n, n).numpy()
         assert np.array_equal(got, np.stack([p.geometry.image_mask(n, n) for p in prep]))
+
+
+def test_onnx_refuses_another_unit_and_nan_scores(default_export, data, monkeypatch):
+    """The ONNX runtime refuses what the torch runtime refuses: a cloud in millimetres
+    (the training clouds' scale travels in the metadata) and a NaN score."""
+    import dataclasses
+
+    from cmad.errors import DataError
+
+    det, _, path = default_export
+    _, samples = data
+    onnx_det = OnnxDetector(path, threads=1)
+    assert onnx_det.xyz_scale == pytest.approx(det.xyz_scale)
+    mm = dataclasses.replace(samples[0], xyz=samples[0].xyz * 1000)
+    for predictor in (det, onnx_det):
+        with pytest.raises(DataError, match="different unit"):
+            predictor.predict([mm])
+        with pytest.raises(DataError, match="different unit"):
+            list(predictor.iter_predict([mm]))
+    real_run = onnx_det.session.run
+    monkeypatch.setattr(onnx_det.session, "run",
+                        lambda names, x: [np.full_like(a, np.nan) for a in real_run(names, x)])
+    with pytest.raises(DataError, match="cannot be scored"):
+        onnx_det.predict(samples[:1])

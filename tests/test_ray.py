@@ -91,12 +91,12 @@ def test_predict_on_ray_writes_the_local_outputs(ray_local, tiny_model, tmp_path
                 shutil.copy(f, folder / m / f"{d.name}_{f.name}")
     samples = collect_inputs(None, None, folder, det.modalities)
     assert len(samples) >= 6
-    a = write_outputs(tmp_path / "local", samples, det.predict(samples), det.decision)
+    a, _ = write_outputs(tmp_path / "local", zip(samples, det.predict(samples)), det.decision)
     files = input_files(None, None, folder, det.modalities)
     rs, rp = predict_distributed(model, files, det.config.batch_size, threads=1,
                                  workers=2, batches_per_chunk=1)
     assert [s.stem for s in rs] == [s.stem for s in samples]
-    b = write_outputs(tmp_path / "ray", rs, rp, det.decision)
+    b, _ = write_outputs(tmp_path / "ray", zip(rs, rp), det.decision)
     names = sorted(p.relative_to(a).as_posix() for p in a.rglob("*") if p.is_file())
     assert names == sorted(p.relative_to(b).as_posix() for p in b.rglob("*") if p.is_file())
     assert len(names) == 3 * len(samples) + 1  # maps, masks, overlays, scores.json

@@ -81,7 +81,7 @@ def test_predict_matches_cmad_predict(server, model, tmp_path):
     det = Detector.load(m)
     d = cat_dir / "test" / "cut"
     samples = collect_inputs(d / "rgb" / "000.png", d / "xyz" / "000.tiff", None, det.modalities)
-    out = write_outputs(tmp_path / "out", samples, det.predict(samples), det.decision)
+    out, _ = write_outputs(tmp_path / "out", zip(samples, det.predict(samples)), det.decision)
     row = json.loads((out / "scores.json").read_text())["samples"][0]
     rgb, xyz = _files(cat_dir)
     status, ans = _request(server, "POST", "/predict?map=tiff",

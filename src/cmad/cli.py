@@ -405,10 +405,9 @@ def predict(
     from cmad.export import load_predictor
     from cmad.predict_io import (
         check_output_dir,
-        collect_inputs,
-        decide,
         input_files,
         predict_distributed,
+        read_sample,
         write_outputs,
     )
 
@@ -421,21 +420,21 @@ def predict(
             raise CmadError("--executor ray runs the torch runtime only; drop --runtime onnx")
         det = load_predictor(model, runtime, cache_dir=cache)
         decision = _decision(det, threshold, fpr, pixel_fpr)
+        files = input_files(rgb=rgb, xyz=xyz, input_dir=input_dir, modalities=det.modalities)
         if executor == "ray":
-            files = input_files(rgb=rgb, xyz=xyz, input_dir=input_dir, modalities=det.modalities)
             samples, preds = predict_distributed(model, files, det.config.batch_size, threads=threads,
                                                  address=address, workers=workers)
+            pairs = zip(samples, preds)
         else:
-            samples = collect_inputs(rgb=rgb, xyz=xyz, input_dir=input_dir, modalities=det.modalities)
-            preds = det.predict(samples, progress=not quiet)
-        path = write_outputs(out, samples, preds, decision)
+            # read and preprocessed a batch ahead in a worker thread, written as they come
+            pairs = det.iter_predict(files, load=lambda f: read_sample(*f), progress=not quiet)
+        path, rows = write_outputs(out, pairs, decision)
     except (CmadError, OSError) as exc:
         _fail(exc)
-    for s, p in zip(samples, preds):
-        d = decide(p, decision)
-        flag = "ANOMALOUS" if d.anomalous else "normal"
-        area = int(d.mask.sum())
-        typer.echo(f"{s.stem}: score {d.score:.3f} ({flag}, threshold {d.threshold:.3f}"
+    for r in rows:
+        flag = "ANOMALOUS" if r["anomalous"] else "normal"
+        area = r["defect_area_px"]
+        typer.echo(f"{r['stem']}: score {r['score']:.3f} ({flag}, threshold {r['threshold']:.3f}"
                    + (f", defect area {area} px" if area else "") + ")")
     typer.echo(f"wrote {path}")
 

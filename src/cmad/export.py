@@ -40,7 +40,7 @@ import json
 import logging
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +58,14 @@ from cmad.features.graph import FeatureGraph
 from cmad.features.rgb import ONNX_OPSET, onnx_session
 from cmad.model.config import DetectorConfig
 from cmad.model.decision import Decision
-from cmad.pipeline import Detector, modalities_of_sample, predict_in_batches
+from cmad.pipeline import (
+    Detector,
+    check_finite,
+    check_modalities,
+    check_units,
+    predict_in_batches,
+    stream_batches,
+)
 from cmad.runtime import thread_limit
 from cmad.types import Prediction, Prepared, Sample
 
@@ -150,6 +157,8 @@ def _metadata(det: Detector, names: Sequence[str]) -> dict[str, str]:
         "config": json.dumps(det.config.to_dict(), sort_keys=True),
         "extractor": json.dumps(ident["extractor"], sort_keys=True),
         "category": det.category,
+        # the training clouds' scale: predict refuses clouds in another unit (absent: no 3D)
+        "xyz_scale": json.dumps(None if det.xyz_scale is None else list(det.xyz_scale)),
         "threshold": repr(float(det.threshold)),
         "decision": json.dumps(det.decision.to_dict()),
         "modalities": json.dumps(list(det.modalities)),
@@ -304,6 +313,8 @@ class OnnxDetector:
             self.decision = (Decision.from_dict(json.loads(meta["decision"])) if "decision" in meta
                              else Decision.legacy(self.threshold))
             self.category = meta.get("category", "")
+            scale = json.loads(meta.get("xyz_scale", "null"))
+            self.xyz_scale = None if scale is None else (float(scale[0]), float(scale[1]))
             self.modalities = [str(m) for m in json.loads(meta["modalities"])]
             self.branches = tuple(json.loads(meta["branches"]))
             extractor = json.loads(meta["extractor"])
@@ -393,26 +404,38 @@ class OnnxDetector:
             ms["xyz_features"] = fpfh_ms
         return scores, maps, ms
 
+    def _step(self, prep: list[Prepared]) -> tuple[list[Prediction], dict[str, float]]:
+        scores, maps, t_run = self.run(prep)
+        for i, p in enumerate(prep):
+            check_finite(p, float(scores[i]), maps[i])
+        return [Prediction(
+            score=float(scores[i]), anomaly_map=to_original(maps[i], p.geometry),
+            anomaly_map_work=np.ascontiguousarray(maps[i], dtype=np.float32),
+            key=p.key, label=p.label, defect_type=p.defect_type)
+            for i, p in enumerate(prep)], t_run
+
+    def _checked_prepare(self, samples: Sequence[Sample]) -> list[Prepared]:
+        check_modalities(samples, self.modalities)
+        check_units(samples, self.xyz_scale, self.modalities)
+        return self.prepare(samples)
+
     def predict_timed(self, samples: Sequence[Sample], progress: bool = False
                       ) -> tuple[list[Prediction], dict[str, float]]:
         """Predictions as `Detector.predict_timed` gives them (no branch maps) and the ms
         per sample of preprocessing, FPFH and the ONNX graph."""
-        for smp in samples:
-            have = modalities_of_sample(smp)
-            if not set(self.modalities) <= set(have):
-                raise DataError(smp.paths.rgb or smp.paths.xyz,
-                                f"the model needs {self.modalities}; this sample has {have}")
-
-        def step(prep: list[Prepared]) -> tuple[list[Prediction], dict[str, float]]:
-            scores, maps, t_run = self.run(prep)
-            return [Prediction(
-                score=float(scores[i]), anomaly_map=to_original(maps[i], p.geometry),
-                anomaly_map_work=np.ascontiguousarray(maps[i], dtype=np.float32),
-                key=p.key, label=p.label, defect_type=p.defect_type)
-                for i, p in enumerate(prep)], t_run
-
-        return predict_in_batches(samples, self.config.batch_size, self.prepare, step,
+        check_modalities(samples, self.modalities)
+        check_units(samples, self.xyz_scale, self.modalities)
+        return predict_in_batches(samples, self.config.batch_size, self.prepare, self._step,
                                   "predict (onnx)", progress)
+
+    def iter_predict(self, items: Sequence[Any], load: Callable[[Any], Sample] | None = None,
+                     progress: bool = False) -> Iterator[tuple[Sample, Prediction]]:
+        """As `Detector.iter_predict`: (sample, prediction) pairs, each batch read and
+        preprocessed in a worker thread while the one before runs."""
+        for samples, preds, _ in stream_batches(items, self.config.batch_size,
+                                                self._checked_prepare, self._step,
+                                                "predict (onnx)", progress, load):
+            yield from zip(samples, preds)
 
     def predict(self, samples: Sequence[Sample], progress: bool = False) -> list[Prediction]:
         return self.predict_timed(samples, progress)[0]

@@ -18,9 +18,10 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from safetensors import SafetensorError
@@ -42,6 +43,7 @@ from cmad.runtime import pause_point
 from cmad.types import Prediction, Prepared, Sample
 
 log = logging.getLogger(__name__)
+R = TypeVar("R")
 
 FORMAT_VERSION = 4
 # format 3 (no stored decision: the threshold was the highest validation normal score) still
@@ -80,30 +82,102 @@ def _add(into: dict[str, float], more: dict[str, float], weight: float = 1.0) ->
         into[k] = into.get(k, 0.0) + v * weight
 
 
+def stream_batches(
+    items: Sequence[Any], batch_size: int,
+    prepare: Callable[[Sequence[Sample]], list[Prepared]],
+    step: Callable[[list[Prepared]], tuple[R, dict[str, float]]],
+    desc: str, progress: bool, load: Callable[[Any], Sample] | None = None,
+) -> Iterator[tuple[list[Sample], R, dict[str, float]]]:
+    """Batches of `items` through `load` (item -> Sample; None: the items are samples),
+    `prepare` and `step` (prepared batch -> a result such as predictions or features, and
+    ms per sample by stage), with one progress bar counting samples. Yields each batch's
+    samples, result and ms per sample by stage ("read" and "preprocess" included).
+
+    Reading and preprocessing run in one worker thread, a batch ahead of `step`: file
+    decoding and numpy release the GIL, so they overlap the model's work. Each batch's
+    results do not depend on that (the same functions on the same inputs), and an error
+    of the worker (a bad file) is raised when its batch comes up.
+    """
+    chunks = [items[s : s + batch_size] for s in range(0, len(items), batch_size)]
+
+    def read_and_prepare(chunk: Sequence[Any]) -> tuple[list[Sample], list[Prepared], dict[str, float]]:
+        t = time.perf_counter()
+        samples = list(chunk) if load is None else [load(x) for x in chunk]
+        t_read = time.perf_counter()
+        prep = prepare(samples)
+        n = max(len(chunk), 1)
+        ms = {"preprocess": (time.perf_counter() - t_read) * 1000.0 / n}
+        if load is not None:
+            ms["read"] = (t_read - t) * 1000.0 / n
+        return samples, prep, ms
+
+    with progress_bar(total=len(items), desc=desc, unit="sample", enabled=progress) as bar, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="cmad-read") as pool:
+        ahead = pool.submit(read_and_prepare, chunks[0]) if chunks else None
+        for k in range(len(chunks)):
+            samples, prep, ms = ahead.result()  # type: ignore[union-attr]
+            ahead = pool.submit(read_and_prepare, chunks[k + 1]) if k + 1 < len(chunks) else None
+            try:
+                preds, t_step = step(prep)
+            except BaseException:
+                if ahead is not None:
+                    ahead.cancel()
+                raise
+            _add(ms, t_step)
+            bar.update(len(prep))
+            yield samples, preds, ms
+
+
 def predict_in_batches(
     samples: Sequence[Sample], batch_size: int,
     prepare: Callable[[Sequence[Sample]], list[Prepared]],
     step: Callable[[list[Prepared]], tuple[list[Prediction], dict[str, float]]],
     desc: str, progress: bool,
 ) -> tuple[list[Prediction], dict[str, float]]:
-    """`prepare` then `step` (prepared batch -> predictions, ms per sample by stage) over
-    batches of `samples`, with one progress bar counting samples; returns the predictions
-    and the ms per sample of each stage ("preprocess" included), weighted by batch size."""
+    """All predictions of `stream_batches` over `samples` and the ms per sample of each
+    stage ("preprocess" included, overlapping the others), weighted by batch size."""
     out: list[Prediction] = []
     ms: dict[str, float] = {}
     n = max(len(samples), 1)
-    with progress_bar(total=len(samples), desc=desc, unit="sample", enabled=progress) as bar:
-        for s in range(0, len(samples), batch_size):
-            chunk = samples[s : s + batch_size]
-            t = time.perf_counter()
-            prep = prepare(chunk)
-            _add(ms, {"preprocess": (time.perf_counter() - t) * 1000.0 / len(chunk)},
-                 len(chunk) / n)
-            preds, t_step = step(prep)
-            _add(ms, t_step, len(chunk) / n)
-            out.extend(preds)
-            bar.update(len(chunk))
+    for batch, preds, t in stream_batches(samples, batch_size, prepare, step, desc, progress):
+        _add(ms, t, len(batch) / n)
+        out.extend(preds)
     return out, ms
+
+
+def check_modalities(samples: Sequence[Sample], modalities: Sequence[str]) -> None:
+    """Refuse a sample without a modality the model needs."""
+    for smp in samples:
+        have = modalities_of_sample(smp)
+        if not set(modalities) <= set(have):
+            raise DataError(smp.paths.rgb or smp.paths.xyz,
+                            f"the model needs {list(modalities)}; this sample has {have}")
+
+
+def check_units(samples: Sequence[Sample], xyz_scale: tuple[float, float] | None,
+                modalities: Sequence[str]) -> None:
+    """Refuse a point cloud far off the training clouds' scale `xyz_scale` (another unit)."""
+    if xyz_scale is None or "xyz" not in modalities:
+        return
+    lo, hi = xyz_scale
+    for smp in samples:
+        c = cloud_scale(smp)
+        if c is None:
+            continue
+        if not lo / UNIT_FACTOR <= c <= hi * UNIT_FACTOR:
+            raise DataError(smp.paths.xyz or smp.key,
+                            f"points lie at a median distance of {c:.4g} from the origin, "
+                            f"the model's training clouds at {lo:.4g} to {hi:.4g}: a "
+                            "different unit (millimetres instead of metres?) or another "
+                            "sensor set-up; convert the cloud to the training data's unit")
+
+
+def check_finite(p: Prepared, score: float, amap: np.ndarray) -> None:
+    """Refuse a NaN or inf score or map (damaged input, or a model that does not fit)."""
+    if not (np.isfinite(score) and np.isfinite(amap).all()):
+        raise DataError(p.paths.xyz or p.paths.rgb or p.key,
+                        "cannot be scored: its anomaly score or map is NaN or inf "
+                        "(damaged input or a model that does not fit this data)")
 
 
 def check_model_dir(out: str | Path) -> Path:
@@ -234,6 +308,16 @@ class Detector:
                 bar.update(len(chunk))
         return FeatureMaps.cat(parts), ms
 
+    def sample_features(self, samples: Sequence[Sample], progress: bool = False,
+                        desc: str = "features") -> FeatureMaps:
+        """Features of samples (cached on disk when a cache dir is set), each batch
+        preprocessed in a worker thread while the batch before is extracted."""
+        digest = self.config.preprocess.digest()
+        parts = [fm for _, fm, _ in stream_batches(
+            samples, self.config.batch_size, self.prepare,
+            lambda prep: self.extractor.extract(prep, prep_digest=digest), desc, progress)]
+        return FeatureMaps.cat(parts)
+
     # ---------------------------------------------------------------- fitting
     def fit(self, source: Any, shots: int | None = None, progress: bool = True) -> Detector:
         """Fit on a Category (train + validation splits) or a list of normal samples.
@@ -254,9 +338,8 @@ class Detector:
         scales = [c for c in (cloud_scale(s) for s in train + val) if c is not None]
         self.xyz_scale = (min(scales), max(scales)) if scales else None
         self.extractor_for(modalities)
-        prep_train = self.prepare(train, progress=progress)
+        train_fm = self.sample_features(train, progress, desc="train features")
         prep_val = self.prepare(val, progress=progress)
-        train_fm, _ = self.features(prep_train, progress, desc="train features")
         calib = self.calibration(prep_val, modalities)
         calib_fm, _ = self.features(calib, progress, desc="validation features", cache=False)
         self.fit_features(train_fm, calib_fm, calib, modalities, progress=progress)
@@ -292,10 +375,7 @@ class Detector:
         res = self.core.score(fm, pixel_area(prepared), branch_maps=branch_maps)
         preds = []
         for i, p in enumerate(prepared):
-            if not (np.isfinite(res.scores[i]) and np.isfinite(res.maps[i]).all()):
-                raise DataError(p.paths.xyz or p.paths.rgb or p.key,
-                                "cannot be scored: its anomaly score or map is NaN or inf "
-                                "(damaged input or a model that does not fit this data)")
+            check_finite(p, res.scores[i], res.maps[i])
             preds.append(Prediction(
                 score=float(res.scores[i]), anomaly_map=to_original(res.maps[i], p.geometry),
                 anomaly_map_work=res.maps[i],
@@ -307,6 +387,19 @@ class Detector:
             - sum(res.timings_ms.values()))
         return preds, ms
 
+    def _step(self, prep: list[Prepared], branch_maps: bool = True
+              ) -> tuple[list[Prediction], dict[str, float]]:
+        """One prepared batch -> predictions and ms per sample by stage."""
+        fm, t_feat = self.extractor.extract(prep)
+        preds, t_own = self.predict_features(fm, prep, branch_maps=branch_maps)
+        _add(t_feat, t_own)
+        return preds, t_feat
+
+    def _checked_prepare(self, samples: Sequence[Sample]) -> list[Prepared]:
+        self._check_modalities(samples)
+        self._check_units(samples)
+        return self.prepare(samples)
+
     def predict_timed(self, samples: Sequence[Sample], progress: bool = False,
                       branch_maps: bool = True) -> tuple[list[Prediction], dict[str, float]]:
         """`predict` plus the ms per sample of each stage (read excluded)."""
@@ -314,15 +407,22 @@ class Detector:
             raise RuntimeError("the detector has not been fitted or loaded")
         self._check_modalities(samples)
         self._check_units(samples)
+        return predict_in_batches(samples, self.config.batch_size, self.prepare,
+                                  lambda prep: self._step(prep, branch_maps), "predict", progress)
 
-        def step(prep: list[Prepared]) -> tuple[list[Prediction], dict[str, float]]:
-            fm, t_feat = self.extractor.extract(prep)
-            preds, t_own = self.predict_features(fm, prep, branch_maps=branch_maps)
-            _add(t_feat, t_own)
-            return preds, t_feat
-
-        return predict_in_batches(samples, self.config.batch_size, self.prepare, step,
-                                  "predict", progress)
+    def iter_predict(self, items: Sequence[Any], load: Callable[[Any], Sample] | None = None,
+                     progress: bool = False, branch_maps: bool = False
+                     ) -> Iterator[tuple[Sample, Prediction]]:
+        """(sample, prediction) pairs in order, reading each batch (`load`: item -> Sample,
+        e.g. a file pair) and preprocessing it in a worker thread while the batch before is
+        scored; only a couple of batches are in memory at a time. A sample the model cannot
+        take raises `DataError` when its batch comes up."""
+        if not self.core.branches:
+            raise RuntimeError("the detector has not been fitted or loaded")
+        for samples, preds, _ in stream_batches(
+                items, self.config.batch_size, self._checked_prepare,
+                lambda prep: self._step(prep, branch_maps), "predict", progress, load):
+            yield from zip(samples, preds)
 
     def predict(self, samples: Sequence[Sample], progress: bool = False,
                 branch_maps: bool = True) -> list[Prediction]:
@@ -364,27 +464,10 @@ class Detector:
         return self.core.decision
 
     def _check_modalities(self, samples: Sequence[Sample]) -> None:
-        for smp in samples:
-            have = modalities_of_sample(smp)
-            if not set(self.modalities) <= set(have):
-                raise DataError(smp.paths.rgb or smp.paths.xyz,
-                                f"the model needs {self.modalities}; this sample has {have}")
+        check_modalities(samples, self.modalities)
 
     def _check_units(self, samples: Sequence[Sample]) -> None:
-        """Refuse a point cloud far off the training clouds' scale (another unit)."""
-        if self.xyz_scale is None or "xyz" not in self.modalities:
-            return
-        lo, hi = self.xyz_scale
-        for smp in samples:
-            c = cloud_scale(smp)
-            if c is None:
-                continue
-            if not lo / UNIT_FACTOR <= c <= hi * UNIT_FACTOR:
-                raise DataError(smp.paths.xyz or smp.key,
-                                f"points lie at a median distance of {c:.4g} from the origin, "
-                                f"the model's training clouds at {lo:.4g} to {hi:.4g}: a "
-                                "different unit (millimetres instead of metres?) or another "
-                                "sensor set-up; convert the cloud to the training data's unit")
+        check_units(samples, self.xyz_scale, self.modalities)
 
     # ---------------------------------------------------------------- persistence
     def save(self, out_dir: str | Path) -> Path:

@@ -43,7 +43,7 @@ from cmad import __version__
 from cmad.data.io import png_bytes, tiff_bytes
 from cmad.errors import CmadError, ConfigError, DataError
 from cmad.pipeline import CONFIG_NAME, Detector
-from cmad.predict_io import decide, overlay, read_sample
+from cmad.predict_io import PNG_LEVEL, decide, overlay, read_sample
 
 log = logging.getLogger(__name__)
 
@@ -220,9 +220,10 @@ class ModelService:
             out["map"] = _b64("tiff", pred.anomaly_map.shape, tiff_bytes(pred.anomaly_map.astype(np.float32)))
         elif map_format == "png":
             out["map"] = _b64("png", pred.anomaly_map.shape,
-                              png_bytes(overlay(sample.rgb, pred.anomaly_map, decision, pred.score)))
+                              png_bytes(overlay(sample.rgb, pred.anomaly_map, decision, pred.score),
+                                        PNG_LEVEL))
         if map_format != "none":  # the predicted defect mask, as predict writes it
-            out["mask"] = _b64("png", d.mask.shape, png_bytes(d.mask.astype(np.uint8) * 255))
+            out["mask"] = _b64("png", d.mask.shape, png_bytes(d.mask.astype(np.uint8) * 255, PNG_LEVEL))
         with self._count:
             self.served += 1
         return out

@@ -129,7 +129,11 @@ def fit_background_plane(
     else:
         normals = normals[ok] / norms[ok, None]
         ds = -np.einsum("ij,ij->i", normals, a[ok])
-        counts = (np.abs(score @ normals.T + ds) < threshold).sum(axis=0)
+        # in place: the same numbers, without three (points x hypotheses) temporaries
+        res = score @ normals.T
+        res += ds
+        np.abs(res, out=res)
+        counts = np.count_nonzero(res < threshold, axis=0)
         best = int(np.argmax(counts))
         normal, d = normals[best], float(ds[best])
         inliers = np.abs(pts @ normal + d) < threshold
@@ -240,7 +244,9 @@ class Preprocessor:
                                cfg.border)
             else:
                 normal, d = plane
-                dist = np.abs(sample.xyz.astype(np.float64) @ normal + d)
+                dist = sample.xyz.astype(np.float64) @ normal
+                dist += d
+                np.abs(dist, out=dist)
                 fg &= dist >= cfg.plane_threshold
         if cfg.largest_component and fg.any():
             labels, _ = ndimage.label(fg, structure=np.ones((3, 3), dtype=bool))
@@ -280,7 +286,7 @@ class Preprocessor:
             arrays["rgb"] = to_working(sample.rgb, geom, nearest=False,
                                        interp=self.config.rgb_interp)
         if sample.xyz is not None:
-            xyz = np.where(fg[:, :, None], sample.xyz, np.float32(0)).astype(np.float32)
+            xyz = np.where(fg[:, :, None], sample.xyz, np.float32(0)).astype(np.float32, copy=False)
             arrays["xyz"] = to_working(xyz, geom)
         return arrays
 

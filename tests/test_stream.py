@@ -1,0 +1,61 @@
+"""Streaming predict: files read and preprocessed a batch ahead in a worker thread give the
+same predictions as `predict`, in order, and a bad file stops the stream with its error
+(no output folder left behind)."""
+import numpy as np
+import pytest
+from PIL import Image
+
+from cmad.errors import DataError
+from cmad.predict_io import input_files, read_sample, write_outputs
+
+
+@pytest.fixture(scope="module")
+def folder(tiny_model, tmp_path_factory):
+    """An input folder (rgb/, xyz/) with the test files of the fitted tiny category."""
+    import shutil
+
+    from cmad.data.mvtec3d import Category
+
+    cat = Category(tiny_model[1])
+    out = tmp_path_factory.mktemp("stream") / "input"
+    (out / "rgb").mkdir(parents=True)
+    (out / "xyz").mkdir()
+    for i, s in enumerate(cat.samples("test")):
+        shutil.copy(s.paths.rgb, out / "rgb" / f"{i:03d}.png")
+        shutil.copy(s.paths.xyz, out / "xyz" / f"{i:03d}.tiff")
+    return out
+
+
+def test_iter_predict_matches_predict(tiny_model, folder):
+    from cmad.pipeline import Detector
+
+    det = Detector.load(tiny_model[0])
+    files = input_files(None, None, folder, det.modalities)
+    assert len(files) > det.config.batch_size  # more than one batch: the worker runs ahead
+    ref = det.predict([read_sample(*f) for f in files], branch_maps=False)
+    got = list(det.iter_predict(files, load=lambda f: read_sample(*f)))
+    assert [s.stem for s, _ in got] == [f[2] for f in files]
+    assert [p.score for _, p in got] == [p.score for p in ref]
+    for (_, p), r in zip(got, ref):
+        assert np.array_equal(p.anomaly_map, r.anomaly_map)
+    assert np.ptp([p.score for p in ref]) > 0
+
+
+def test_a_bad_file_in_a_later_batch_stops_the_stream(tiny_model, folder, tmp_path):
+    import shutil
+
+    from cmad.pipeline import Detector
+
+    det = Detector.load(tiny_model[0])
+    bad = tmp_path / "input"
+    shutil.copytree(folder, bad)
+    files = input_files(None, None, bad, det.modalities)
+    broken = files[det.config.batch_size][0]  # the first RGB image of the second batch
+    broken.write_bytes(b"not a png")
+    pairs = det.iter_predict(files, load=lambda f: read_sample(*f))
+    with pytest.raises(DataError) as err:
+        write_outputs(tmp_path / "out", pairs, det.decision)
+    assert str(broken) in str(err.value)
+    assert not (tmp_path / "out").exists()
+    # the files before it are intact and score
+    assert Image.open(files[0][0]).size
