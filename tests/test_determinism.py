@@ -1,5 +1,6 @@
 """Same seed and data give the byte-identical model, and the same scores, whatever the
-thread count: the tiny model fitted with 1 and with 2 threads in two fresh processes (each
+thread count: the tiny model fitted with 1 and with 2 threads in two fresh processes (with 2,
+the memory banks are fitted in a worker thread beside the mapping; with 1, in turn; each
 with its own empty cache, so no features are shared between them)."""
 from __future__ import annotations
 

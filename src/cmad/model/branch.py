@@ -67,7 +67,10 @@ class Branch(ABC):
     panels), `needs` (feature names, see `cmad.features`), `cross_modal` (True when the
     branch scores how the two modalities relate), `stage` (the timing stage its scoring is
     charged to), `panel` (the report panel column it is drawn in: "cross-modal",
-    "rgb-bank" or "3d-bank").
+    "rgb-bank" or "3d-bank"), `fit_in_thread` (True when `fit` may run in a worker thread
+    beside other branches' fits: it draws no numbers from torch's global generator and
+    its result does not depend on the thread count; the memory banks' coresets, one core
+    each, then overlap the mapping's training on the other core).
     """
 
     name: ClassVar[str]
@@ -76,6 +79,7 @@ class Branch(ABC):
     cross_modal: ClassVar[bool] = False
     stage: ClassVar[str] = "bank_search"
     panel: ClassVar[str] = "cross-modal"
+    fit_in_thread: ClassVar[bool] = False
 
     def __init__(self, config: DetectorConfig) -> None:
         self.config = config

@@ -9,6 +9,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +31,7 @@ from cmad.model.fusion import (
     robust_stats,
     upsample,
 )
+from cmad.runtime import thread_limit
 
 log = logging.getLogger(__name__)
 
@@ -147,11 +149,7 @@ class DetectorCore:
                 "points with FPFH neighbours. Check that the point clouds are in metres, that "
                 "background removal keeps the part (preprocess.plane_threshold), and the FPFH "
                 "radii (xyz.feature_radius) for this scale.")
-        for b in self.branches:
-            t = time.perf_counter()
-            b.fit(train, val, progress=progress)
-            report.branch_fit_s[b.name] = time.perf_counter() - t
-            report.branch_info[b.name] = dict(b.info)
+        self._fit_branches(train, val, report, progress)
         raw, _ = self.branch_scores(calib)
         self.norm = {n: robust_stats(s[normal], v[normal]) for n, (s, v) in raw.items()}
         maps = {n: normalise(s, v, *self.norm[n]) for n, (s, v) in raw.items()}
@@ -177,6 +175,39 @@ class DetectorCore:
             fpr=cfg.fpr, pixel_fpr=cfg.pixel_fpr)
         report.bank_entries = {b.name: b.bank_entries for b in self.branches if b.bank_entries}
         return report
+
+    def _fit_branches(self, train: FeatureMaps, val: FeatureMaps, report: FitReport,
+                      progress: bool) -> None:
+        """Fit every branch: those with `fit_in_thread` one after another in a worker
+        thread, the others here at the same time (unless the thread limit is 1). Each
+        branch's fit is the same either way (none depends on the thread count); torch's
+        thread count is restored after."""
+        def fit_one(b: Branch) -> None:
+            t = time.perf_counter()
+            b.fit(train, val, progress=progress)
+            report.branch_fit_s[b.name] = time.perf_counter() - t
+
+        side = [b for b in self.branches if b.fit_in_thread]
+        here = [b for b in self.branches if not b.fit_in_thread]
+        limit = thread_limit()
+        threads = torch.get_num_threads()
+        if not side or not here or (limit is not None and limit < 2):
+            for b in self.branches:
+                fit_one(b)
+        else:
+            # both lanes on one torch thread each (the mapping trains on one anyway): every
+            # set-and-restore of the thread count inside a fit then reads and restores 1
+            torch.set_num_threads(1)
+            try:
+                with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cmad-fit") as pool:
+                    done = pool.submit(lambda: [fit_one(b) for b in side])
+                    for b in here:
+                        fit_one(b)
+                    done.result()
+            finally:
+                torch.set_num_threads(threads)
+        for b in self.branches:
+            report.branch_info[b.name] = dict(b.info)
 
     # ---------------------------------------------------------------- scoring
     def branch_scores(self, fm: FeatureMaps

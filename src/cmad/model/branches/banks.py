@@ -23,6 +23,8 @@ class BankBranch(Branch):
     """A coreset memory bank over one patch-feature matrix; subclasses say which."""
 
     stage = "bank_search"
+    # the coreset: seeded generators of its own, numba on one core without the GIL
+    fit_in_thread = True
 
     def __init__(self, config) -> None:
         super().__init__(config)
