@@ -467,7 +467,8 @@ class Detector:
         check_modalities(samples, self.modalities)
 
     def _check_units(self, samples: Sequence[Sample]) -> None:
-        check_units(samples, self.xyz_scale, self.modalities)
+        if self.xyz_scale is not None:
+            check_units(samples, self.xyz_scale, self.modalities)
 
     # ---------------------------------------------------------------- persistence
     def save(self, out_dir: str | Path) -> Path:
