@@ -136,6 +136,26 @@ def test_same_seed_same_scores(category):
         assert torch.equal(v, tb[k]), k
 
 
+def test_a_category_read_as_it_goes_fits_the_model_of_its_samples(fitted, category, monkeypatch):
+    """Fitting on a Category reads its files a batch ahead as the features go; the model is
+    the one fitted on the same samples read beforehand, and no file is read twice."""
+    calls = []
+    real = category.load
+    monkeypatch.setattr(category, "load", lambda ref: calls.append(ref.key) or real(ref))
+    lazy = Detector(_cfg()).fit(category, progress=False)
+    n_train, n_val = len(category.refs("train")), len(category.refs("validation"))
+    assert len(calls) == n_train + n_val and len(set(calls)) == len(calls)
+    monkeypatch.undo()
+    eager = Detector(_cfg()).fit(category.samples("train") + category.samples("validation"),
+                                 progress=False)
+    assert lazy.xyz_scale == eager.xyz_scale and lazy.category == eager.category
+    ta, tb = lazy.core.tensors(), eager.core.tensors()
+    assert set(ta) == set(tb)
+    for k, v in ta.items():
+        assert torch.equal(v, tb[k]), k
+    assert lazy.threshold == eager.threshold
+
+
 def test_few_shot_uses_k_samples(category):
     det = Detector(_cfg(branches=("rgb_bank",))).fit(category, shots=2, progress=False)
     assert det.report.n_train == 2

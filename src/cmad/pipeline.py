@@ -31,7 +31,7 @@ from safetensors.torch import save as st_save
 from cmad import __version__
 from cmad.data.io import write_bytes_atomic
 from cmad.data.preprocess import Preprocessor, to_original
-from cmad.data.splits import select_shots, split_source
+from cmad.data.splits import select_shots, split_items
 from cmad.errors import ConfigError, DataError, ModelFormatError, OutputError
 from cmad.features import FeatureExtractor, FeatureMaps
 from cmad.model.calibrate import calibration_set
@@ -308,14 +308,17 @@ class Detector:
                 bar.update(len(chunk))
         return FeatureMaps.cat(parts), ms
 
-    def sample_features(self, samples: Sequence[Sample], progress: bool = False,
-                        desc: str = "features") -> FeatureMaps:
-        """Features of samples (cached on disk when a cache dir is set), each batch
-        preprocessed in a worker thread while the batch before is extracted."""
+    def sample_features(self, samples: Sequence[Any], progress: bool = False,
+                        desc: str = "features", load: Callable[[Any], Sample] | None = None
+                        ) -> FeatureMaps:
+        """Features of samples (cached on disk when a cache dir is set), each batch read
+        (`load`: item -> Sample, when the items are not samples yet) and preprocessed in a
+        worker thread while the batch before is extracted."""
         digest = self.config.preprocess.digest()
         parts = [fm for _, fm, _ in stream_batches(
             samples, self.config.batch_size, self.prepare,
-            lambda prep: self.extractor.extract(prep, prep_digest=digest), desc, progress)]
+            lambda prep: self.extractor.extract(prep, prep_digest=digest), desc, progress,
+            load)]
         return FeatureMaps.cat(parts)
 
     # ---------------------------------------------------------------- fitting
@@ -327,19 +330,32 @@ class Detector:
         chosen with the seed (few-shot).
         """
         t0 = time.perf_counter()
-        train, val = split_source(source, self.config.seed)
+        # a Category's files are read as the features go (a batch ahead, in a worker
+        # thread), so the full-size samples never all sit in memory at once
+        train, val, load = split_items(source, self.config.seed)
         train = select_shots(train, shots, self.config.seed)
         if not train:
             raise ConfigError("no training samples to fit on")
         if not val:
             raise ConfigError("no validation samples: fusion statistics need normal held-out data")
-        modalities = modalities_of_sample(train[0])
-        self.category = train[0].category
-        scales = [c for c in (cloud_scale(s) for s in train + val) if c is not None]
-        self.xyz_scale = (min(scales), max(scales)) if scales else None
+        scales: list[float] = []
+
+        def read(item: Any) -> Sample:
+            s = item if load is None else load(item)
+            c = cloud_scale(s)
+            if c is not None:
+                scales.append(c)  # list.append is atomic: the worker thread calls this
+            return s
+
+        first = read(train[0])
+        modalities = modalities_of_sample(first)
+        self.category = first.category
         self.extractor_for(modalities)
-        train_fm = self.sample_features(train, progress, desc="train features")
-        prep_val = self.prepare(val, progress=progress)
+        train_fm = self.sample_features([first, *train[1:]], progress, desc="train features",
+                                        load=lambda x: x if x is first else read(x))
+        val_samples = [read(v) for v in val]
+        prep_val = self.prepare(val_samples, progress=progress)
+        self.xyz_scale = (min(scales), max(scales)) if scales else None
         calib = self.calibration(prep_val, modalities)
         calib_fm, _ = self.features(calib, progress, desc="validation features", cache=False)
         self.fit_features(train_fm, calib_fm, calib, modalities, progress=progress)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -53,3 +54,32 @@ def split_source(source: Any, seed: int) -> tuple[list[Sample], list[Sample]]:
         train = [s for i, s in enumerate(train) if i not in hold]
         log.warning("no validation split: holding back %d training samples for it", n_val)
     return train, val
+
+
+def split_items(source: Any, seed: int) -> tuple[list, list, Callable[[Any], Sample] | None]:
+    """As `split_source`, without reading a Category's files: (train, validation, load)
+    where the items are the Category's sample references and `load(ref)` reads one (so a
+    caller can read them as it goes); for a list of Samples, the samples and None. The
+    held-back validation share of a Category without a validation split is the same
+    items `split_source` holds back."""
+    if not (hasattr(source, "refs") and callable(source.refs) and hasattr(source, "load")):
+        train, val = split_source(source, seed)
+        return train, val, None
+    # the category's own checks (class ids) before any work; that first sample is kept
+    ahead = {s.key: s for s in source.samples("train", limit=1)}
+    train = source.refs("train")
+    has_val = "validation" in getattr(source, "splits", ["validation"])
+    val = source.refs("validation") if has_val else []
+    if not val and len(train) >= 2:
+        rng = np.random.default_rng(seed)
+        n_val = max(1, len(train) // 5)
+        hold = set(rng.choice(len(train), size=n_val, replace=False).tolist())
+        val = [s for i, s in enumerate(train) if i in hold]
+        train = [s for i, s in enumerate(train) if i not in hold]
+        log.warning("no validation split: holding back %d training samples for it", n_val)
+
+    def load(ref: Any) -> Sample:
+        read = ahead.pop(ref.key, None)
+        return read if read is not None else source.load(ref)
+
+    return list(train), list(val), load
