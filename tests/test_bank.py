@@ -233,3 +233,21 @@ def test_mismatched_codes_are_refused() -> None:
     sd["low"] = sd["low"][:4]
     with pytest.raises(ValueError, match="do not match"):
         MemoryBank().load_state_dict(sd)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "int8", "int4"])
+def test_exported_search_in_blocks_matches_the_bank(dtype):
+    """`BankSearch` (the ONNX export's search) over the bank in blocks, here of 7 entries
+    with a last short block, gives the bank's own nearest-neighbour distances; and in one
+    block the same."""
+    from cmad.model.bank import BankSearch
+
+    g = torch.Generator().manual_seed(5)
+    bank = MemoryBank(fraction=0.5, min_entries=1, dtype=dtype).fit(torch.randn(100, 12, generator=g))
+    assert bank.size % 7
+    q = torch.randn(40, 12, generator=g)
+    ref = bank.score(q)
+    for block in (7, 1024):
+        got = BankSearch(bank, block=block)(q)
+        assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5), block
+    assert ref.std() > 0

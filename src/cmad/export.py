@@ -259,9 +259,15 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     return meta
 
 
+# what the exported graph computes and carries: a new value makes cached exports stale
+# (2: the bank searched in blocks, the training clouds' scale in the metadata)
+GRAPH_VERSION = 2
+
+
 def cached_export(model_dir: str | Path, cache_dir: Path | None = None) -> Path:
     """The ONNX export of a model folder, made once into `cache_dir/onnx-model/` (keyed by
-    the model's tensor and config hashes, cmad's and torch's versions and the opset)."""
+    the model's tensor and config hashes, cmad's and torch's versions, the opset and
+    `GRAPH_VERSION`)."""
     from cmad.cache import default_cache_dir
     from cmad.pipeline import CONFIG_NAME
 
@@ -273,7 +279,7 @@ def cached_export(model_dir: str | Path, cache_dir: Path | None = None) -> Path:
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
         Detector.load(d)  # raises the error that names what is wrong
         raise ModelFormatError(cfg_path, "unreadable model config") from None
-    key = _sha256(json.dumps([ident, __version__, torch.__version__, ONNX_OPSET],
+    key = _sha256(json.dumps([ident, __version__, torch.__version__, ONNX_OPSET, GRAPH_VERSION],
                              sort_keys=True).encode())[:24]
     path = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / "onnx-model" / \
         f"{key}.onnx"

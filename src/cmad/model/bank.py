@@ -570,8 +570,9 @@ class BankSearch(nn.Module):
     same expansion as the torch search (|e|^2 - 2 q.e, minimum, + |q|^2, clamp, sqrt).
     """
 
-    def __init__(self, bank: MemoryBank) -> None:
+    def __init__(self, bank: MemoryBank, block: int = 1024) -> None:
         super().__init__()
+        self.block = int(block)
         st = bank.stored
         self.dtype = bank.dtype
         self.dim = None
@@ -606,6 +607,14 @@ class BankSearch(nn.Module):
         q = queries.float()
         if self.project:
             q = (q - self.proj_mean) @ self.proj
-        d = torch.addmm(self.sq[None, :], q, self.decoded().T, alpha=-2.0)
-        best = d.min(1).values
+        # the bank in blocks of `block` entries (unrolled at export: the bank's size is
+        # fixed), so that the distance matrix of a batch stays small instead of
+        # queries x entries (8 x 784 x 8,820 floats were 221 MB)
+        entries = self.decoded()
+        k = int(entries.shape[0])
+        best = None
+        for a in range(0, k, self.block):
+            b = min(a + self.block, k)
+            d = torch.addmm(self.sq[None, a:b], q, entries[a:b].T, alpha=-2.0).min(1).values
+            best = d if best is None else torch.minimum(best, d)
         return (best + (q * q).sum(1)).clamp_min(0.0).sqrt()
