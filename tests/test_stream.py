@@ -3,7 +3,6 @@ same predictions as `predict`, in order, and a bad file stops the stream with it
 (no output folder left behind)."""
 import numpy as np
 import pytest
-from PIL import Image
 
 from cmad.errors import DataError
 from cmad.predict_io import input_files, read_sample, write_outputs
@@ -57,5 +56,9 @@ def test_a_bad_file_in_a_later_batch_stops_the_stream(tiny_model, folder, tmp_pa
         write_outputs(tmp_path / "out", pairs, det.decision)
     assert str(broken) in str(err.value)
     assert not (tmp_path / "out").exists()
-    # the files before it are intact and score
-    assert Image.open(files[0][0]).size
+    # the user's files are left as they were, the broken one included
+    assert broken.read_bytes() == b"not a png"
+    for rgb, xyz, stem in files:
+        if rgb != broken:
+            assert rgb.read_bytes() == (folder / "rgb" / f"{stem}.png").read_bytes()
+        assert xyz.read_bytes() == (folder / "xyz" / f"{stem}.tiff").read_bytes()

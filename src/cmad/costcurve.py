@@ -29,7 +29,15 @@ from pathlib import Path
 
 import numpy as np
 
-from cmad.bench import METHODS, PeakRSS, load_average, machine_info, method_config, stages_of
+from cmad.bench import (
+    METHODS,
+    PeakRSS,
+    load_average,
+    machine_info,
+    method_config,
+    stages_of,
+    timed_features,
+)
 from cmad.data.io import atomic_folder, write_bytes_atomic
 from cmad.data.splits import select_shots, split_source
 from cmad.errors import ConfigError
@@ -55,13 +63,9 @@ def parse_counts(text: str) -> list[int]:
 
 def _timed(ext: FeatureExtractor, prepared: Sequence, desc: str, progress: bool
            ) -> tuple[FeatureMaps, dict[str, float]]:
-    parts, times = [], {}
-    for p in progress_bar(prepared, desc=desc, unit="sample", enabled=progress):
-        fm, ms = ext.extract([p], prep_digest=None)
-        for k, v in ms.items():
-            times.setdefault(k, []).append(v)
-        parts.append(fm)
-    return FeatureMaps.cat(parts), {k: float(np.median(v)) for k, v in times.items()}
+    """`bench.timed_features` with the median ms per sample of each stage."""
+    fm, times = timed_features(ext, prepared, desc, progress)
+    return fm, {k: float(np.median(v)) for k, v in times.items()}
 
 
 def exponent(ns: Sequence[int], ys: Sequence[float]) -> float:

@@ -164,9 +164,9 @@ def clean_cloud(xyz: np.ndarray, valid: np.ndarray, path: str | Path | None) -> 
         with np.errstate(invalid="ignore"):
             far = valid & (np.abs(xyz) > MAX_ABS_COORD).any(axis=2)
     # the median and the spread on at most MEDIAN_POINTS evenly spaced valid points (an
-    # estimate, good to well under 1% for a threshold of FAR_FACTOR = 100 times it), the
-    # distances in float32 over the whole grid: on a real 800 x 800 cloud exact medians
-    # and gathers of the valid points cost several times more than reading the file
+    # estimate; tests/test_data.py checks that it marks the points exact medians mark), the
+    # distances in float32 over the whole grid: with exact medians and gathers of the valid
+    # points, reading an 800 x 720 cloud took 303 ms, of which the TIFF itself 4 ms
     keep = np.flatnonzero((valid & ~far).ravel())
     if len(keep):
         sub = flat[keep[:: max(1, len(keep) // MEDIAN_POINTS)]].astype(np.float64)

@@ -29,6 +29,19 @@ def select_shots(train: list, shots: int | None, seed: int) -> list:
     return [train[i] for i in idx]
 
 
+def _hold_back(train: list, seed: int) -> tuple[list, list]:
+    """(train, validation) when there is no validation split: a seeded 20% of `train`
+    (samples or references alike) is held back; fewer than 2 items are all kept."""
+    if len(train) < 2:
+        return train, []
+    rng = np.random.default_rng(seed)
+    n_val = max(1, len(train) // 5)
+    hold = set(rng.choice(len(train), size=n_val, replace=False).tolist())
+    log.warning("no validation split: holding back %d training samples for it", n_val)
+    return ([s for i, s in enumerate(train) if i not in hold],
+            [s for i, s in enumerate(train) if i in hold])
+
+
 def split_source(source: Any, seed: int) -> tuple[list[Sample], list[Sample]]:
     """(train, validation) samples of a Category, or of a list of normal Samples (those with
     split "validation" validate; without any, a seeded 20% of the list is held back)."""
@@ -46,13 +59,8 @@ def split_source(source: Any, seed: int) -> tuple[list[Sample], list[Sample]]:
                               f"given are anomalous (first: {bad[0].key})")
         train = [s for s in items if s.split != "validation"]
         val = [s for s in items if s.split == "validation"]
-    if not val and len(train) >= 2:
-        rng = np.random.default_rng(seed)
-        n_val = max(1, len(train) // 5)
-        hold = set(rng.choice(len(train), size=n_val, replace=False).tolist())
-        val = [s for i, s in enumerate(train) if i in hold]
-        train = [s for i, s in enumerate(train) if i not in hold]
-        log.warning("no validation split: holding back %d training samples for it", n_val)
+    if not val:
+        train, val = _hold_back(train, seed)
     return train, val
 
 
@@ -70,13 +78,8 @@ def split_items(source: Any, seed: int) -> tuple[list, list, Callable[[Any], Sam
     train = source.refs("train")
     has_val = "validation" in getattr(source, "splits", ["validation"])
     val = source.refs("validation") if has_val else []
-    if not val and len(train) >= 2:
-        rng = np.random.default_rng(seed)
-        n_val = max(1, len(train) // 5)
-        hold = set(rng.choice(len(train), size=n_val, replace=False).tolist())
-        val = [s for i, s in enumerate(train) if i in hold]
-        train = [s for i, s in enumerate(train) if i not in hold]
-        log.warning("no validation split: holding back %d training samples for it", n_val)
+    if not val:
+        train, val = _hold_back(train, seed)
 
     def load(ref: Any) -> Sample:
         read = ahead.pop(ref.key, None)

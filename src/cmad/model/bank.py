@@ -334,8 +334,9 @@ def _search(queries: torch.Tensor, n_rows: int, rows, sq: torch.Tensor,  # noqa:
     and `sq` their squared norms. One matrix product per (query chunk, bank chunk) block.
 
     The default blocks (512 queries x 1024 entries, a 2 MB distance block that stays in
-    cache) were measured on 2 cores against 1024 x 8192 (32 MB): about 1.4x faster for a
-    joint bank of 8,820 x 185 and for an RGB bank of 2,205 x 152 (RESULTS.md, round 5)."""
+    cache) were measured on 2 cores against 1024 x 8192 (32 MB): 55 -> 34-37 ms per
+    sample for a joint bank of 8,820 x 185, 15 -> 8-9 ms for an RGB bank of 2,205 x 152
+    (RESULTS.md, round 5)."""
     if n_rows == 0:
         raise ValueError("the memory bank is empty")
     q = queries.float()
