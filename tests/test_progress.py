@@ -69,6 +69,7 @@ def test_detector_bars_count_samples(monkeypatch: pytest.MonkeyPatch,
 
     class _Core:
         branches = [object()]
+        modalities = ["rgb", "xyz"]
 
     det.core = _Core()
     det.config = type("C", (), {"batch_size": 4})()

@@ -483,8 +483,7 @@ class Detector:
         check_modalities(samples, self.modalities)
 
     def _check_units(self, samples: Sequence[Sample]) -> None:
-        if self.xyz_scale is not None:
-            check_units(samples, self.xyz_scale, self.modalities)
+        check_units(samples, self.xyz_scale, self.modalities)
 
     # ---------------------------------------------------------------- persistence
     def save(self, out_dir: str | Path) -> Path:
