@@ -331,6 +331,8 @@ def test_bench_decision_rates_and_table():
     assert r["fpr"] == 0.25 and r["fnr"] == pytest.approx(1 / 3)
     assert r["n_good"] == 4 and r["n_defective"] == 3 and r["threshold"] == 1.0
     assert r["pixel_tpr"] == pytest.approx(2 / 12)  # two flagged parts, one gt pixel each hit
+    # no good part of 4 may be flagged at 10%: above 1.5, two of the three defective parts
+    assert r["tpr_at_fpr10"] == pytest.approx(2 / 3)
     results = {"methods": {"cmad": {"categories": {"a": {}}, "mean": {},
                                     "decision": {"a": r, "b": dict(r, fpr=0.75)}}}}
     results["methods"]["cmad"]["decision_mean"] = _mean_decision(
@@ -338,6 +340,7 @@ def test_bench_decision_rates_and_table():
     assert results["methods"]["cmad"]["decision_mean"]["fpr"] == 0.5
     t = decision_table(results)
     assert t.cells[0][:4] == ["cmad", "1%", "50%", "33%"] and t.cells[0][4] == "25% / 33%"
+    assert t.header[-1].startswith("best TPR") and t.cells[0][-1] == "67%"
     assert "50% / 33%" in headline_table(results).cells[0]
     lines = summary_text(results).splitlines()
     assert lines[0].split()[-2:] == ["FPR@thr", "FNR@thr"] and lines[1].split()[-2:] == ["50%", "33%"]
@@ -370,3 +373,20 @@ def test_report_panel_shows_threshold_verdict_and_mask_outline():
     assert (np.abs(fused_part - cyan).sum(-1) < 60).sum() > 20  # the mask outline
     assert (np.abs(fused_part - red).sum(-1) < 40).sum() > 20  # ANOMALOUS in red
     assert (np.abs(plain[:, int(0.85 * w):] - cyan).sum(-1) < 60).sum() == 0
+
+
+def test_best_tpr_is_a_point_of_the_roc():
+    from cmad.evaluate import best_tpr
+
+    good = np.arange(20, dtype=float)          # 0..19
+    bad = np.array([17.0, 18.0, 18.5, 30.0])
+    # 10% of 20 good parts: the two highest (18, 19) may be flagged, 17 may not
+    assert best_tpr(good, bad, 0.10) == pytest.approx(3 / 4)   # 18, 18.5, 30 > 17
+    assert best_tpr(good, bad, 0.0) == pytest.approx(1 / 4)    # only 30 > 19
+    assert best_tpr(good, bad, 1.0) == 1.0
+    assert np.isnan(best_tpr(good[:0], bad, 0.1)) and np.isnan(best_tpr(good, bad[:0], 0.1))
+    # brute force over every threshold agrees
+    rng = np.random.default_rng(0)
+    g, b = rng.normal(0, 1, 37), rng.normal(1, 1, 23)
+    brute = max((b >= t).mean() for t in np.r_[g, b, np.inf] if (g >= t).mean() <= 0.1)
+    assert best_tpr(g, b, 0.1) == pytest.approx(brute)

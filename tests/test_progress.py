@@ -117,3 +117,11 @@ def test_no_carriage_returns_in_a_log_file(tmp_path: Path) -> None:
                                  "--categories", "1", "--train", "1", "--quiet"])
     assert q.exit_code == 0, q.output
     assert q.output.startswith("wrote ") and q.output.count("\n") == 1
+
+
+def test_stage_lines_use_plural_units() -> None:
+    from cmad.progress import plural
+
+    assert [plural(u, n) for u, n in (("sample", 1), ("sample", 3), ("entry", 8820),
+                                      ("entry", 1), ("epoch", 40), ("day", 2), ("samples", 2))] \
+        == ["sample", "samples", "entries", "entry", "epochs", "days", "samples"]

@@ -62,3 +62,33 @@ def test_a_bad_file_in_a_later_batch_stops_the_stream(tiny_model, folder, tmp_pa
         if rgb != broken:
             assert rgb.read_bytes() == (folder / "rgb" / f"{stem}.png").read_bytes()
         assert xyz.read_bytes() == (folder / "xyz" / f"{stem}.tiff").read_bytes()
+
+
+def test_the_stream_leaves_the_worker_a_core_and_restores_the_threads():
+    import torch
+
+    from cmad.pipeline import stream_batches
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen = []
+
+        def step(prep):
+            seen.append(torch.get_num_threads())
+            return list(prep), {}
+
+        out = list(stream_batches(list(range(5)), 2, list, step, "t", False))
+        assert [r for _, r, _ in out] == [[0, 1], [2, 3], [4]]
+        assert seen == [1, 1, 1] and torch.get_num_threads() == 2
+        # one batch: no worker runs beside the model, so torch keeps its threads
+        seen.clear()
+        list(stream_batches([0, 1], 2, list, step, "t", False))
+        assert seen == [2] and torch.get_num_threads() == 2
+        # a failing step still restores them
+        with pytest.raises(RuntimeError):
+            list(stream_batches(list(range(5)), 2, list,
+                                lambda p: (_ for _ in ()).throw(RuntimeError("x")), "t", False))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

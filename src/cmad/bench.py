@@ -307,7 +307,7 @@ def run_method(name: str, cd: CategoryData, seed: int, size: int, ext: FeatureEx
     return row, det, preds
 
 
-DECISION_KEYS = ("fpr", "fnr", "pixel_fpr", "pixel_tpr")
+DECISION_KEYS = ("fpr", "fnr", "pixel_fpr", "pixel_tpr", "tpr_at_fpr10")
 
 
 def _mean_decision(rows: dict[str, dict]) -> dict:

@@ -75,6 +75,7 @@ def decision_rates(decision: Decision, preds: Sequence[Prediction],
         tp_px += int((m & g).sum())
         neg_px += int((~g).sum())
         pos_px += int(g.sum())
+    scores = np.array([p.score for p in preds], dtype=np.float64)
     return {
         "threshold": float(decision.threshold), "target_fpr": decision.target_fpr,
         "pixel_threshold": float(decision.pixel_threshold),
@@ -83,7 +84,26 @@ def decision_rates(decision: Decision, preds: Sequence[Prediction],
         "fnr": float((~flagged[bad]).mean()) if bad.any() else float("nan"),
         "pixel_fpr": fp_px / neg_px if neg_px else float("nan"),
         "pixel_tpr": tp_px / pos_px if pos_px else float("nan"),
+        "tpr_at_fpr10": best_tpr(scores[good], scores[bad], CEILING_FPR),
     }
+
+
+CEILING_FPR = 0.10
+
+
+def best_tpr(good: np.ndarray, bad: np.ndarray, max_fpr: float) -> float:
+    """The largest share of `bad` scores that one threshold flags (score >= threshold)
+    while it flags at most `max_fpr` of the `good` ones: a point of the ROC curve. On the
+    test split it is the detector's ceiling for any threshold picked without test data,
+    never a decision (NaN without both kinds of part)."""
+    good, bad = np.sort(np.asarray(good, np.float64))[::-1], np.asarray(bad, np.float64)
+    if good.size == 0 or bad.size == 0:
+        return float("nan")
+    allowed = int(np.floor(max_fpr * good.size + 1e-9))  # good parts that may be flagged
+    if allowed >= good.size:
+        return 1.0
+    # the threshold must lie just above the (allowed + 1)-th highest good score
+    return float((bad > good[allowed]).mean())
 
 
 def is_maps_output(cat_dir: Path) -> bool:

@@ -94,9 +94,18 @@ class LogProgress:
         self._closed = True
         if not self.enabled:
             return
-        unit = self.unit if self.n == 1 or self.unit.endswith("s") else self.unit + "s"
+        unit = plural(self.unit, self.n)
         log.info("%s: %d %s in %.1f s%s", self.desc or "done", self.n, unit,
                  time.perf_counter() - self._t0, f" ({self.postfix})" if self.postfix else "")
+
+
+def plural(unit: str, n: int) -> str:
+    """`unit` for a count of `n`: "1 sample", "2 samples", "2 entries", "2 epochs"."""
+    if n == 1 or unit.endswith("s"):
+        return unit
+    if len(unit) > 1 and unit.endswith("y") and unit[-2] not in "aeiou":
+        return unit[:-1] + "ies"
+    return unit + "s"
 
 
 def progress(iterable: Iterable | None = None, *, total: int | None = None, desc: str = "",
