@@ -264,3 +264,48 @@ def test_onnx_refuses_another_unit_and_nan_scores(default_export, data, monkeypa
                         lambda names, x: [np.full_like(a, np.nan) for a in real_run(names, x)])
     with pytest.raises(DataError, match="cannot be scored"):
         onnx_det.predict(samples[:1])
+
+
+def test_a_map_without_the_rgb_bank_keeps_the_score_and_exports(data, models, tmp_path):
+    """The default `map_exclude` (the RGB bank): the image score still fuses every branch
+    (the scores of a model with every branch in its map, bit for bit), the map fuses the
+    others (their normalised maps, weights rescaled), the pixel threshold is read off
+    those maps, and ONNX matches torch (the exported default)."""
+    from cmad.model.fusion import combine, normalise, upsample
+
+    cat, samples = data
+    det, _, onnx_path = models(DEFAULT)
+    assert det.config.map_exclude == ("rgb_bank",)
+    assert det.core.map_weights == pytest.approx({"mapping": 0.5, "joint_bank": 0.5})
+    cfg = DetectorConfig.from_dict({**_cfg(DEFAULT).to_dict(), "map_exclude": []})
+    ref = Detector(cfg).fit(cat, progress=False)
+    assert ref.core.map_weights is None
+    got, want = det.predict(samples, branch_maps=False), ref.predict(samples, branch_maps=False)
+    assert [p.score for p in got] == [p.score for p in want]
+    assert det.decision.threshold == ref.decision.threshold
+    assert det.decision.pixel_threshold != ref.decision.pixel_threshold
+    prep = det.prepare(samples[:4])
+    fm, _ = det.extractor.extract(prep)
+    raw, _ = det.core.branch_scores(fm)
+    maps = {n: normalise(s, v, *det.core.norm[n]) for n, (s, v) in raw.items()}
+    sub = upsample(combine(maps, {"mapping": 0.5, "joint_bank": 0.5}), SIZE, det.config.sigma)
+    for p, w, m, pr in zip(got, want, sub, prep):
+        a = pr.geometry.image_mask(SIZE, SIZE)
+        assert np.allclose(p.anomaly_map_work[a], m[a], atol=1e-6)
+        assert not np.allclose(p.anomaly_map_work, w.anomaly_map_work, atol=1e-3)
+    for p, q in zip(got, OnnxDetector(onnx_path).predict(samples)):
+        assert abs(p.score - q.score) < TOL
+        assert np.abs(p.anomaly_map - q.anomaly_map).max() < TOL
+
+
+def test_a_model_saved_before_map_exclude_keeps_every_branch_in_its_map(models, tmp_path):
+    import shutil
+
+    _, model, _ = models(DEFAULT)
+    old = tmp_path / "old"
+    shutil.copytree(model, old)
+    meta = json.loads((old / "config.json").read_text())
+    del meta["config"]["map_exclude"]
+    (old / "config.json").write_text(json.dumps(meta))
+    assert Detector.load(old).core.map_weights is None
+    assert Detector.load(model).core.map_weights is not None

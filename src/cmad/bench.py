@@ -43,8 +43,11 @@ log = logging.getLogger(__name__)
 METHODS: dict[str, tuple[dict, str]] = {
     "cmad": ({}, "full method: dense cross-modal mapping (RGB CNN features <-> CNN features of "
                  "the rendered geometry) + light joint RGB+FPFH bank + light RGB bank, equal "
-                 "weights, int4 banks"),
-    "cmad-v1": ({"branches": ("align", "joint_bank", "rgb_bank", "xyz_bank"), "weights": "joint"},
+                 "weights, int4 banks; the RGB bank counts toward the score, not the map"),
+    "cmad-map-all": ({"map_exclude": ()},
+                     "cmad with every branch in the map (the default up to round 6)"),
+    "cmad-v1": ({"branches": ("align", "joint_bank", "rgb_bank", "xyz_bank"), "weights": "joint",
+                 "map_exclude": ()},
                 "the previous default: latent alignment + joint bank (half) + RGB and FPFH banks"),
     "mapping": ({"branches": ("mapping",)},
                 "dense cross-modal mapping alone: RGB CNN features <-> CNN features of the "

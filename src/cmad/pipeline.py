@@ -574,7 +574,10 @@ class Detector:
         except (SafetensorError, ValueError) as exc:
             raise ModelFormatError(ten_path, f"truncated or corrupt tensor file: {exc}") from None
         try:
-            det = cls(DetectorConfig.from_dict(meta["config"], where=f"{cfg_path} config"),
+            saved = meta["config"]
+            if isinstance(saved, dict) and "map_exclude" not in saved:
+                saved = {**saved, "map_exclude": []}   # saved before the field: maps as then
+            det = cls(DetectorConfig.from_dict(saved, where=f"{cfg_path} config"),
                       cache_dir=cache_dir, rgb_runtime=rgb_runtime)
             det.core = DetectorCore.from_state(det.config, tensors, meta)
             det.category = str(meta.get("category", ""))

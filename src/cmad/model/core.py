@@ -130,6 +130,12 @@ class DetectorCore:
         self.modalities = list(modalities)
         self.branches = [REGISTRY[n](self.config) for n in names]
 
+    @property
+    def map_weights(self) -> dict[str, float] | None:
+        """Weights of the pixel map when `config.map_exclude` leaves some weighted branch
+        out of it; None: the map is the score's fusion."""
+        return map_weights(self.weights, self.config.map_exclude)
+
     # ---------------------------------------------------------------- fitting
     def fit(self, train: FeatureMaps, calib: FeatureMaps, labels: np.ndarray, gt: np.ndarray,
             area: np.ndarray, modalities: Sequence[str], progress: bool = False) -> FitReport:
@@ -167,11 +173,13 @@ class DetectorCore:
         if not any(self.weights.values()):
             raise ConfigError(f"all active branches {list(names)} have weight 0")
         report.weights = dict(self.weights)
-        fused = combine({n: m[normal] for n, m in maps.items()}, self.weights)
-        pix = upsample(fused, cfg.size, cfg.sigma)
+        normal_maps = {n: m[normal] for n, m in maps.items()}
+        pix = upsample(combine(normal_maps, self.weights), cfg.size, cfg.sigma)
+        map_w = self.map_weights
+        pix_map = pix if map_w is None else upsample(combine(normal_maps, map_w), cfg.size, cfg.sigma)
         a_norm = area[normal.numpy()]
         self.decision = Decision.from_normals(
-            image_scores(pix, a_norm, cfg.score_mode, cfg.topk), pix, a_norm,
+            image_scores(pix, a_norm, cfg.score_mode, cfg.topk), pix_map, a_norm,
             fpr=cfg.fpr, pixel_fpr=cfg.pixel_fpr)
         report.bank_entries = {b.name: b.bank_entries for b in self.branches if b.bank_entries}
         return report
@@ -231,11 +239,11 @@ class DetectorCore:
         t = time.perf_counter()
         cfg = self.config
         maps = {n: normalise(s, v, *self.norm[n]) for n, (s, v) in raw.items()}
-        pix = upsample(combine(maps, self.weights), cfg.size, cfg.sigma)
-        floor = np.array([min(0.0, float(m[a].min())) if a.any() else 0.0
-                          for m, a in zip(pix, area)], dtype=np.float32)
-        pix = np.where(area, pix, floor[:, None, None]).astype(np.float32)
+        pix = _floored(upsample(combine(maps, self.weights), cfg.size, cfg.sigma), area)
         scores = image_scores(pix, area, cfg.score_mode, cfg.topk)
+        map_w = self.map_weights
+        if map_w is not None:
+            pix = _floored(upsample(combine(maps, map_w), cfg.size, cfg.sigma), area)
         bpix = {n: upsample(m, cfg.size, cfg.sigma) for n, m in maps.items()} if branch_maps else {}
         ms["fusion"] = (time.perf_counter() - t) * 1000.0 / max(len(fm), 1)
         return Scored(scores, pix, bpix, ms)
@@ -286,6 +294,24 @@ class DetectorCore:
         return core
 
 
+def map_weights(weights: dict[str, float], exclude: Sequence[str]) -> dict[str, float] | None:
+    """The weights without the branches of `exclude`, rescaled to the same sum; None when
+    that changes nothing (no weighted branch excluded) or leaves no weighted branch."""
+    keep = {n: w for n, w in weights.items() if w and n not in exclude}
+    if not keep or len(keep) == sum(1 for w in weights.values() if w):
+        return None
+    k = sum(weights.values()) / sum(keep.values())
+    return {n: w * k for n, w in keep.items()}
+
+
+def _floored(pix: np.ndarray, area: np.ndarray) -> np.ndarray:
+    """Maps with the padding outside each image set to the map's floor (its lowest value
+    inside the image, at most 0)."""
+    floor = np.array([min(0.0, float(m[a].min())) if a.any() else 0.0
+                      for m, a in zip(pix, area)], dtype=np.float32)
+    return np.where(area, pix, floor[:, None, None]).astype(np.float32)
+
+
 class CoreGraph(torch.nn.Module):
     """`DetectorCore.score` (image scores and fused maps, no branch maps) for ONNX export.
 
@@ -301,6 +327,7 @@ class CoreGraph(torch.nn.Module):
         self.branches = torch.nn.ModuleList([b.export_module() for b in core.branches])
         self.norm = {n: tuple(core.norm[n]) for n in self.names}
         self.weights = dict(core.weights)
+        self.map_weights = core.map_weights
         self.pixels = PixelMaps(cfg.size, cfg.sigma)
         if cfg.score_mode not in ("max", "topk"):
             raise ConfigError(f"score_mode {cfg.score_mode!r} cannot be exported")
@@ -312,19 +339,23 @@ class CoreGraph(torch.nn.Module):
         for name, module in zip(self.names, self.branches):
             s, v = module(fm)
             maps[name] = normalise(s, v, *self.norm[name])
-        pix = self.pixels(combine(maps, self.weights))
         flat_area = area.flatten(1)
         has = flat_area.any(1)
         inside = flat_area | ~has[:, None]  # no image area: the whole map (as image_scores)
-        flat = pix.flatten(1)
-        big = torch.full_like(flat, float("inf"))
-        low = torch.where(inside, flat, big).min(1).values
-        floor = torch.where(has, torch.clamp(low, max=0.0), torch.zeros_like(low))
-        pix = torch.where(area, pix, floor[:, None, None])
-        flat = torch.where(inside, pix.flatten(1), -big)
+
+        def floored(pix: torch.Tensor) -> torch.Tensor:
+            flat = pix.flatten(1)
+            low = torch.where(inside, flat, torch.full_like(flat, float("inf"))).min(1).values
+            floor = torch.where(has, torch.clamp(low, max=0.0), torch.zeros_like(low))
+            return torch.where(area, pix, floor[:, None, None])
+
+        pix = floored(self.pixels(combine(maps, self.weights)))
+        flat = torch.where(inside, pix.flatten(1), torch.full_like(pix.flatten(1), float("-inf")))
         if self.score_mode == "max":
             scores = flat.max(1).values
         else:
             k = min(self.topk, flat.shape[1])
             scores = torch.topk(flat, k, dim=1).values.mean(1)
+        if self.map_weights is not None:
+            pix = floored(self.pixels(combine(maps, self.map_weights)))
         return scores, pix
