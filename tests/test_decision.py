@@ -105,6 +105,11 @@ def test_mask_is_empty_for_a_part_judged_normal():
     amap[6, 6] = 1.2
     m = d.mask(amap, float(amap.max()))
     assert m.sum() == 16 and m[5:9, 5:9].all()
+    # a map below the pixel threshold (another fusion than the score): the peak is kept
+    low = np.full((20, 20), 0.1, np.float32)
+    low[3, 4] = 0.5
+    m = d.mask(low, 1.5)
+    assert m.sum() == 1 and m[3, 4]
 
 
 def test_heat_colours_nothing_below_half_the_threshold():

@@ -12,8 +12,9 @@ user's own normal parts with `cmad calibrate`); test data never reaches this mod
   stored, so another target rate needs no data (`Decision.with_fpr`).
 - Pixel threshold: normal parts give hundreds of thousands of pixels, so their quantiles
   are empirical (`pixel_quantiles`, stored as a small table of (rate, value) pairs,
-  interpolated in log rate). The pixel threshold is never above the image threshold, so a
-  part judged anomalous always has at least its peak in the predicted mask.
+  interpolated in log rate). The pixel threshold is never above the image threshold, and
+  a part judged anomalous always has at least its peak in the predicted mask (its map may
+  fuse fewer branches than its score, `DetectorConfig.map_exclude`, so `mask` sees to it).
 """
 from __future__ import annotations
 
@@ -208,7 +209,13 @@ class Decision:
         judged anomalous (a part judged normal has an empty mask)."""
         if not self.anomalous(score):
             return np.zeros(amap.shape, dtype=bool)
-        return np.asarray(amap) > self.pixel_threshold
+        amap = np.asarray(amap)
+        m = amap > self.pixel_threshold
+        if not m.any() and amap.size:
+            # the map can be another fusion than the score (`map_exclude`): an anomalous
+            # part still gets its peak
+            m = amap >= np.nanmax(amap)
+        return m
 
     # ------------------------------------------------------------ persistence
     def to_dict(self) -> dict[str, Any]:
