@@ -80,11 +80,17 @@ def test_the_stream_leaves_the_worker_a_core_and_restores_the_threads():
 
         out = list(stream_batches(list(range(5)), 2, list, step, "t", False))
         assert [r for _, r, _ in out] == [[0, 1], [2, 3], [4]]
-        assert seen == [1, 1, 1] and torch.get_num_threads() == 2
+        # the last step has no worker beside it
+        assert seen == [1, 1, 2] and torch.get_num_threads() == 2
         # one batch: no worker runs beside the model, so torch keeps its threads
         seen.clear()
         list(stream_batches([0, 1], 2, list, step, "t", False))
         assert seen == [2] and torch.get_num_threads() == 2
+        # the caller's code between batches runs on every thread
+        gen = stream_batches(list(range(5)), 2, list, step, "t", False)
+        next(gen)
+        assert torch.get_num_threads() == 2
+        gen.close()
         # a failing step still restores them
         with pytest.raises(RuntimeError):
             list(stream_batches(list(range(5)), 2, list,
@@ -92,3 +98,25 @@ def test_the_stream_leaves_the_worker_a_core_and_restores_the_threads():
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_batch_alone_equals_the_same_batch_in_a_stream(tiny_model):
+    """A batch predicted alone (all torch threads) and inside a stream (one fewer beside
+    the worker) give the same scores and maps."""
+    from cmad.data.mvtec3d import Category
+    from cmad.pipeline import Detector
+    from cmad.runtime import set_threads, thread_limit
+
+    before = thread_limit()
+    set_threads(2)
+    try:
+        det = Detector.load(tiny_model[0])
+        test = Category(tiny_model[1]).samples("test")
+        n = det.config.batch_size
+        assert len(test) > n
+        alone = det.predict(test[:n], branch_maps=False)
+        streamed = det.predict(test, branch_maps=False)[:n]
+        assert [p.score for p in alone] == [p.score for p in streamed]
+        assert all(np.array_equal(a.anomaly_map, b.anomaly_map) for a, b in zip(alone, streamed))
+    finally:
+        set_threads(before)

@@ -96,7 +96,8 @@ def best_tpr(good: np.ndarray, bad: np.ndarray, max_fpr: float) -> float:
     while it flags at most `max_fpr` of the `good` ones: a point of the ROC curve. On the
     test split it is the detector's ceiling for any threshold picked without test data,
     never a decision (NaN without both kinds of part)."""
-    good, bad = np.sort(np.asarray(good, np.float64))[::-1], np.asarray(bad, np.float64)
+    good, bad = np.asarray(good, np.float64), np.asarray(bad, np.float64)
+    good, bad = -np.sort(-good[np.isfinite(good)]), bad[np.isfinite(bad)]  # highest first
     if good.size == 0 or bad.size == 0:
         return float("nan")
     allowed = int(np.floor(max_fpr * good.size + 1e-9))  # good parts that may be flagged

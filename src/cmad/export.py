@@ -313,7 +313,7 @@ class OnnxDetector:
         meta = read_metadata(self.path)
         self.meta = meta
         try:
-            self.config = DetectorConfig.from_dict(json.loads(meta["config"]),
+            self.config = DetectorConfig.from_saved(json.loads(meta["config"]),
                                                    where=f"{self.path} metadata config")
             self.threshold = float(meta["threshold"])
             self.decision = (Decision.from_dict(json.loads(meta["decision"])) if "decision" in meta

@@ -94,8 +94,9 @@ def stream_batches(
     samples, result and ms per sample by stage ("read" and "preprocess" included).
 
     Reading and preprocessing run in one worker thread, a batch ahead of `step`: file
-    decoding and numpy release the GIL, so they overlap the model's work. Meanwhile torch
-    runs on one thread fewer (restored after), leaving the worker a core of its own: on
+    decoding and numpy release the GIL, so they overlap the model's work. During each step
+    with the worker busy beside it, torch runs on one thread fewer (restored right after
+    the step, before anything is yielded), leaving the worker a core of its own: on
     2 cores, features of 64 training samples took 66-77 ms per sample that way, 83-89 ms
     with both torch threads beside the worker and 73-77 ms with no worker (RESULTS.md,
     round 6). Each batch's results do not depend on that (the same functions on the same
@@ -105,20 +106,6 @@ def stream_batches(
     import torch
 
     chunks = [items[s : s + batch_size] for s in range(0, len(items), batch_size)]
-    threads = torch.get_num_threads()
-    if len(chunks) > 1 and threads > 1:
-        torch.set_num_threads(threads - 1)
-    try:
-        yield from _stream(chunks, prepare, step, desc, progress, load, len(items))
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _stream(chunks: list[Sequence[Any]], prepare: Callable[[Sequence[Sample]], list[Prepared]],
-            step: Callable[[list[Prepared]], tuple[R, dict[str, float]]], desc: str,
-            progress: bool, load: Callable[[Any], Sample] | None, total: int,
-            ) -> Iterator[tuple[list[Sample], R, dict[str, float]]]:
-    """The body of `stream_batches`, on its chunks."""
 
     def read_and_prepare(chunk: Sequence[Any]) -> tuple[list[Sample], list[Prepared], dict[str, float]]:
         t = time.perf_counter()
@@ -131,18 +118,25 @@ def _stream(chunks: list[Sequence[Any]], prepare: Callable[[Sequence[Sample]], l
             ms["read"] = (t_read - t) * 1000.0 / n
         return samples, prep, ms
 
-    with progress_bar(total=total, desc=desc, unit="sample", enabled=progress) as bar, \
+    with progress_bar(total=len(items), desc=desc, unit="sample", enabled=progress) as bar, \
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="cmad-read") as pool:
         ahead = pool.submit(read_and_prepare, chunks[0]) if chunks else None
         for k in range(len(chunks)):
             samples, prep, ms = ahead.result()  # type: ignore[union-attr]
             ahead = pool.submit(read_and_prepare, chunks[k + 1]) if k + 1 < len(chunks) else None
+            threads = torch.get_num_threads()
+            lower = ahead is not None and threads > 1
+            if lower:
+                torch.set_num_threads(threads - 1)
             try:
                 preds, t_step = step(prep)
             except BaseException:
                 if ahead is not None:
                     ahead.cancel()
                 raise
+            finally:
+                if lower:
+                    torch.set_num_threads(threads)
             _add(ms, t_step)
             bar.update(len(prep))
             yield samples, preds, ms
@@ -574,10 +568,7 @@ class Detector:
         except (SafetensorError, ValueError) as exc:
             raise ModelFormatError(ten_path, f"truncated or corrupt tensor file: {exc}") from None
         try:
-            saved = meta["config"]
-            if isinstance(saved, dict) and "map_exclude" not in saved:
-                saved = {**saved, "map_exclude": []}   # saved before the field: maps as then
-            det = cls(DetectorConfig.from_dict(saved, where=f"{cfg_path} config"),
+            det = cls(DetectorConfig.from_saved(meta["config"], where=f"{cfg_path} config"),
                       cache_dir=cache_dir, rgb_runtime=rgb_runtime)
             det.core = DetectorCore.from_state(det.config, tensors, meta)
             det.category = str(meta.get("category", ""))

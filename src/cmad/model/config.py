@@ -135,8 +135,9 @@ class DetectorConfig:
                               f"{self.map_exclude!r}")
         object.__setattr__(self, "map_exclude", tuple(self.map_exclude))
         bad = [b for b in self.map_exclude if b not in REGISTRY]
-        if bad:
-            raise ConfigError(f"map_exclude: unknown branches {bad}; choose from {sorted(REGISTRY)}")
+        if bad or len(set(self.map_exclude)) != len(self.map_exclude):
+            raise ConfigError(f"map_exclude must name distinct branches of {sorted(REGISTRY)}, "
+                              f"got {list(self.map_exclude)}")
         if isinstance(self.weights, str):
             if self.weights not in WEIGHT_SCHEMES:
                 raise ConfigError(f"weights must be one of {list(WEIGHT_SCHEMES)} or a mapping of "
@@ -170,6 +171,14 @@ class DetectorConfig:
                                       f"top-level `size`, not here (got {given!r})")
                 d[key] = {k: v for k, v in d[key].items() if k != sub}
         return build(cls, d, where)
+
+    @classmethod
+    def from_saved(cls, d: Any, where: str | None = None) -> DetectorConfig:
+        """A saved model's config: as `from_dict`, except that a model saved before
+        `map_exclude` existed keeps every branch in its map, as it was fitted."""
+        if isinstance(d, Mapping) and "map_exclude" not in d:
+            d = {**d, "map_exclude": []}
+        return cls.from_dict(d, where)
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> DetectorConfig:
         """A copy with some fields replaced (nested mappings merge into nested configs)."""

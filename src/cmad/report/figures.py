@@ -155,6 +155,8 @@ def _show_decision(ax: Axes, amap: np.ndarray, rgb: np.ndarray | None, threshold
         ax.contour(gt.astype(np.float32), levels=[0.5], colors=GT_COLOUR, linewidths=0.9,
                    linestyles="dashed")
     mask = arr > (pixel_threshold if math.isfinite(pixel_threshold) else threshold)
+    if anomalous and not mask.any():
+        mask = arr >= arr.max()   # its peak, as `Decision.mask` keeps it
     if anomalous and mask.any() and not mask.all():
         ax.contour(mask.astype(np.float32), levels=[0.5], colors=MASK_COLOUR, linewidths=1.4)
     ax.set_title(f"{FUSED[1]}: {'ANOMALOUS' if anomalous else 'normal'}", fontsize=10,
