@@ -5,8 +5,8 @@
 - `serial`: read, preprocess and extract each batch one after another on all torch threads;
 - `stream`: `Detector.sample_features` as `cmad fit` runs it (the next batch read and
   preprocessed in a worker thread; torch on one thread fewer meanwhile);
-- `stream-all-threads`: the same stream with every torch thread beside the worker (the
-  code before round 6).
+- `stream-all-threads`: the same stream with every torch thread beside the worker, as
+  the code before round 6 ran it (here the last batch, with no worker, gets one more).
 Prints one JSON object: ms per sample of each run, per way, and the load average.
 """
 from __future__ import annotations

@@ -59,6 +59,10 @@ def evaluate_predictions(
     return out
 
 
+# the false-positive rate at which `decision_rates` reads the detector's ceiling
+CEILING_FPR = 0.10
+
+
 def decision_rates(decision: Decision, preds: Sequence[Prediction],
                    gts: Sequence[np.ndarray]) -> dict:
     """How the stored decision does on labelled parts (the test split; reported, never used
@@ -86,9 +90,6 @@ def decision_rates(decision: Decision, preds: Sequence[Prediction],
         "pixel_tpr": tp_px / pos_px if pos_px else float("nan"),
         "tpr_at_fpr10": best_tpr(scores[good], scores[bad], CEILING_FPR),
     }
-
-
-CEILING_FPR = 0.10
 
 
 def best_tpr(good: np.ndarray, bad: np.ndarray, max_fpr: float) -> float:

@@ -61,8 +61,7 @@ from cmad.model.decision import Decision
 from cmad.pipeline import (
     Detector,
     check_finite,
-    check_modalities,
-    check_units,
+    check_inputs,
     predict_in_batches,
     stream_batches,
 )
@@ -421,16 +420,14 @@ class OnnxDetector:
             for i, p in enumerate(prep)], t_run
 
     def _checked_prepare(self, samples: Sequence[Sample]) -> list[Prepared]:
-        check_modalities(samples, self.modalities)
-        check_units(samples, self.xyz_scale, self.modalities)
+        check_inputs(samples, self.modalities, self.xyz_scale)
         return self.prepare(samples)
 
     def predict_timed(self, samples: Sequence[Sample], progress: bool = False
                       ) -> tuple[list[Prediction], dict[str, float]]:
         """Predictions as `Detector.predict_timed` gives them (no branch maps) and the ms
         per sample of preprocessing, FPFH and the ONNX graph."""
-        check_modalities(samples, self.modalities)
-        check_units(samples, self.xyz_scale, self.modalities)
+        check_inputs(samples, self.modalities, self.xyz_scale)
         return predict_in_batches(samples, self.config.batch_size, self.prepare, self._step,
                                   "predict (onnx)", progress)
 

@@ -186,6 +186,13 @@ def check_units(samples: Sequence[Sample], xyz_scale: tuple[float, float] | None
                             "sensor set-up; convert the cloud to the training data's unit")
 
 
+def check_inputs(samples: Sequence[Sample], modalities: Sequence[str],
+                 xyz_scale: tuple[float, float] | None) -> None:
+    """`check_modalities` and `check_units`: what a model refuses before any work."""
+    check_modalities(samples, modalities)
+    check_units(samples, xyz_scale, modalities)
+
+
 def check_finite(p: Prepared, score: float, amap: np.ndarray) -> None:
     """Refuse a NaN or inf score or map (damaged input, or a model that does not fit)."""
     if not (np.isfinite(score) and np.isfinite(amap).all()):
@@ -426,8 +433,7 @@ class Detector:
         return preds, t_feat
 
     def _checked_prepare(self, samples: Sequence[Sample]) -> list[Prepared]:
-        self._check_modalities(samples)
-        self._check_units(samples)
+        check_inputs(samples, self.modalities, self.xyz_scale)
         return self.prepare(samples)
 
     def predict_timed(self, samples: Sequence[Sample], progress: bool = False,
@@ -435,8 +441,7 @@ class Detector:
         """`predict` plus the ms per sample of each stage (read excluded)."""
         if not self.core.branches:
             raise RuntimeError("the detector has not been fitted or loaded")
-        self._check_modalities(samples)
-        self._check_units(samples)
+        check_inputs(samples, self.modalities, self.xyz_scale)
         return predict_in_batches(samples, self.config.batch_size, self.prepare,
                                   lambda prep: self._step(prep, branch_maps), "predict", progress)
 
@@ -498,6 +503,7 @@ class Detector:
 
     def _check_units(self, samples: Sequence[Sample]) -> None:
         check_units(samples, self.xyz_scale, self.modalities)
+
 
     # ---------------------------------------------------------------- persistence
     def save(self, out_dir: str | Path) -> Path:

@@ -53,8 +53,8 @@ class DetectorConfig:
     # leaves no active branch, the map fuses every branch. The RGB bank: it detects, but
     # alone it localises worst of the three, and on the tuning seeds 0 and 1 leaving it out
     # of the map gave AUPRO@30% 0.865 -> 0.875 at the same I-AUROC (RESULTS.md, round 6).
-    # With it, a part judged anomalous can have an empty predicted mask (its map is not
-    # the one its score was read from). A model saved without the field has ().
+    # The mask of a part judged anomalous keeps at least its peak (its map is not the one
+    # its score was read from). A model saved without the field has ().
     map_exclude: tuple[str, ...] = ("rgb_bank",)
     sigma: float = 4.0
     score_mode: str = "max"

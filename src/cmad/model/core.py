@@ -136,6 +136,10 @@ class DetectorCore:
         out of it; None: the map is the score's fusion."""
         return map_weights(self.weights, self.config.map_exclude)
 
+    def _pixels(self, maps: dict[str, torch.Tensor], weights: dict[str, float]) -> np.ndarray:
+        """The weighted sum of normalised patch maps, upsampled and blurred."""
+        return upsample(combine(maps, weights), self.config.size, self.config.sigma)
+
     # ---------------------------------------------------------------- fitting
     def fit(self, train: FeatureMaps, calib: FeatureMaps, labels: np.ndarray, gt: np.ndarray,
             area: np.ndarray, modalities: Sequence[str], progress: bool = False) -> FitReport:
@@ -174,9 +178,9 @@ class DetectorCore:
             raise ConfigError(f"all active branches {list(names)} have weight 0")
         report.weights = dict(self.weights)
         normal_maps = {n: m[normal] for n, m in maps.items()}
-        pix = upsample(combine(normal_maps, self.weights), cfg.size, cfg.sigma)
+        pix = self._pixels(normal_maps, self.weights)
         map_w = self.map_weights
-        pix_map = pix if map_w is None else upsample(combine(normal_maps, map_w), cfg.size, cfg.sigma)
+        pix_map = pix if map_w is None else self._pixels(normal_maps, map_w)
         a_norm = area[normal.numpy()]
         self.decision = Decision.from_normals(
             image_scores(pix, a_norm, cfg.score_mode, cfg.topk), pix_map, a_norm,
@@ -239,11 +243,11 @@ class DetectorCore:
         t = time.perf_counter()
         cfg = self.config
         maps = {n: normalise(s, v, *self.norm[n]) for n, (s, v) in raw.items()}
-        pix = _floored(upsample(combine(maps, self.weights), cfg.size, cfg.sigma), area)
+        pix = _floored(self._pixels(maps, self.weights), area)
         scores = image_scores(pix, area, cfg.score_mode, cfg.topk)
         map_w = self.map_weights
         if map_w is not None:
-            pix = _floored(upsample(combine(maps, map_w), cfg.size, cfg.sigma), area)
+            pix = _floored(self._pixels(maps, map_w), area)
         bpix = {n: upsample(m, cfg.size, cfg.sigma) for n, m in maps.items()} if branch_maps else {}
         ms["fusion"] = (time.perf_counter() - t) * 1000.0 / max(len(fm), 1)
         return Scored(scores, pix, bpix, ms)

@@ -42,6 +42,19 @@ _SCALE_FLOOR = 0.02  # of the log score: about 2% relative spread at least
 REJECT = 3.5        # robust z beyond which a "normal" score is set aside
 
 
+def defect_mask(amap: np.ndarray, anomalous: bool, pixel_threshold: float) -> np.ndarray:
+    """Pixels above `pixel_threshold` on a part judged anomalous, at least its peak (the
+    map can be another fusion than the score, `DetectorConfig.map_exclude`); empty on a
+    part judged normal."""
+    amap = np.asarray(amap)
+    if not anomalous:
+        return np.zeros(amap.shape, dtype=bool)
+    m = amap > pixel_threshold
+    if not m.any() and amap.size:
+        m = amap >= np.nanmax(amap)
+    return m
+
+
 def check_rate(fpr: float, what: str = "--fpr") -> float:
     """A false-positive rate in (0, 0.5]; ConfigError otherwise."""
     if isinstance(fpr, bool) or not isinstance(fpr, (int, float)) or not math.isfinite(fpr) \
@@ -207,15 +220,7 @@ class Decision:
     def mask(self, amap: np.ndarray, score: float) -> np.ndarray:
         """The predicted defect mask of one map: pixels above the pixel threshold, on parts
         judged anomalous (a part judged normal has an empty mask)."""
-        if not self.anomalous(score):
-            return np.zeros(amap.shape, dtype=bool)
-        amap = np.asarray(amap)
-        m = amap > self.pixel_threshold
-        if not m.any() and amap.size:
-            # the map can be another fusion than the score (`map_exclude`): an anomalous
-            # part still gets its peak
-            m = amap >= np.nanmax(amap)
-        return m
+        return defect_mask(amap, self.anomalous(score), self.pixel_threshold)
 
     # ------------------------------------------------------------ persistence
     def to_dict(self) -> dict[str, Any]:

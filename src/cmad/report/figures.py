@@ -23,7 +23,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, MultipleLocator
 
 from cmad.data.io import write_bytes_atomic
-from cmad.model.decision import colour_range, heat
+from cmad.model.decision import colour_range, defect_mask, heat
 from cmad.report.tables import as_float, categories_of, fmt_metric, methods_of, shot_counts
 
 logger = logging.getLogger(__name__)
@@ -154,10 +154,9 @@ def _show_decision(ax: Axes, amap: np.ndarray, rgb: np.ndarray | None, threshold
     if gt is not None and gt.shape == arr.shape and gt.any() and not gt.all():
         ax.contour(gt.astype(np.float32), levels=[0.5], colors=GT_COLOUR, linewidths=0.9,
                    linestyles="dashed")
-    mask = arr > (pixel_threshold if math.isfinite(pixel_threshold) else threshold)
-    if anomalous and not mask.any():
-        mask = arr >= arr.max()   # its peak, as `Decision.mask` keeps it
-    if anomalous and mask.any() and not mask.all():
+    mask = defect_mask(arr, anomalous,
+                       pixel_threshold if math.isfinite(pixel_threshold) else threshold)
+    if mask.any() and not mask.all():
         ax.contour(mask.astype(np.float32), levels=[0.5], colors=MASK_COLOUR, linewidths=1.4)
     ax.set_title(f"{FUSED[1]}: {'ANOMALOUS' if anomalous else 'normal'}", fontsize=10,
                  color="#c62828" if anomalous else "#2e7d32", fontweight="bold")
