@@ -433,7 +433,7 @@ class Detector:
         return preds, t_feat
 
     def _checked_prepare(self, samples: Sequence[Sample]) -> list[Prepared]:
-        check_inputs(samples, self.modalities, self.xyz_scale)
+        self._check_inputs(samples)
         return self.prepare(samples)
 
     def predict_timed(self, samples: Sequence[Sample], progress: bool = False,
@@ -441,7 +441,7 @@ class Detector:
         """`predict` plus the ms per sample of each stage (read excluded)."""
         if not self.core.branches:
             raise RuntimeError("the detector has not been fitted or loaded")
-        check_inputs(samples, self.modalities, self.xyz_scale)
+        self._check_inputs(samples)
         return predict_in_batches(samples, self.config.batch_size, self.prepare,
                                   lambda prep: self._step(prep, branch_maps), "predict", progress)
 
@@ -503,6 +503,11 @@ class Detector:
 
     def _check_units(self, samples: Sequence[Sample]) -> None:
         check_units(samples, self.xyz_scale, self.modalities)
+
+    def _check_inputs(self, samples: Sequence[Sample]) -> None:
+        """`check_inputs` through the two checks above (tests stub them one by one)."""
+        self._check_modalities(samples)
+        self._check_units(samples)
 
 
     # ---------------------------------------------------------------- persistence
