@@ -14,6 +14,7 @@ import tifffile
 from PIL import Image
 from scipy import ndimage
 
+from cmad.configs import DEFAULT_SIZE
 from cmad.data import (
     Category,
     Dataset,
@@ -443,7 +444,7 @@ def test_geometry_shape_checks() -> None:
 def test_prepared_sample(mvtec_like_root: Path) -> None:
     cat = Category(mvtec_like_root / "tire_like")
     sample = next(s for s in cat.samples("test") if s.defect_type == "crack")
-    p = Preprocessor(PreprocessConfig(rgb_interp="bicubic"))(sample)
+    p = Preprocessor(PreprocessConfig(size=224, rgb_interp="bicubic"))(sample)
     g = p.geometry
     assert (g.orig_h, g.orig_w, g.pad_top, g.pad_left, g.size) == (800, 600, 0, 100, 224)
     assert p.rgb.shape == (224, 224, 3) and p.rgb.dtype == np.uint8
@@ -504,7 +505,7 @@ def test_preprocess_config() -> None:
     assert a.digest() == b.digest() and len(a.digest()) == 16
     assert PreprocessConfig(size=256).digest() != a.digest()
     assert PreprocessConfig.from_dict(a.to_dict()) == a
-    assert a.to_dict()["plane_threshold"] == 0.005 and a.to_dict()["size"] == 224
+    assert a.to_dict()["plane_threshold"] == 0.005 and a.to_dict()["size"] == DEFAULT_SIZE
     with pytest.raises(ConfigError):
         PreprocessConfig(rgb_interp="lanczos")
     with pytest.raises(ConfigError):

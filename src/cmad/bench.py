@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from cmad.cache import default_cache_dir
+from cmad.configs import DEFAULT_SIZE
 from cmad.data.io import atomic_folder
 from cmad.data.splits import select_shots, split_source
 from cmad.errors import ConfigError, OutputError
@@ -47,13 +48,13 @@ METHODS: dict[str, tuple[dict, str]] = {
     "cmad-map-all": ({"map_exclude": ()},
                      "cmad with every branch in the map (the default up to round 6)"),
     "cmad-v1": ({"branches": ("align", "joint_bank", "rgb_bank", "xyz_bank"), "weights": "joint",
-                 "map_exclude": ()},
+                 "map_exclude": (), "bank_fraction": 0.015, "joint_fraction": 0.06},
                 "the previous default: latent alignment + joint bank (half) + RGB and FPFH banks"),
     "mapping": ({"branches": ("mapping",)},
                 "dense cross-modal mapping alone: RGB CNN features <-> CNN features of the "
                 "rendered geometry, both directions"),
     "joint-bank": ({"branches": ("joint_bank",)},
-                   "light joint RGB+FPFH bank alone (cross-modal co-occurrence), 6% coreset, int4"),
+                   "light joint RGB+FPFH bank alone (cross-modal co-occurrence), 3.6% coreset, int4"),
     "rgb-bank": ({"branches": ("rgb_bank",)}, "light RGB memory bank alone"),
     "geom-bank": ({"branches": ("geom_bank",)},
                   "light bank of the rendered geometry's CNN features alone (3D only)"),
@@ -449,7 +450,7 @@ def run_bench(
     categories: list[str] | None = None,
     methods: list[str] | None = None,
     shots: list[int] | None = None,
-    size: int = 224,
+    size: int = DEFAULT_SIZE,
     cache_dir: Path | None = None,
     seed: int = 0,
     threads: int = 2,
@@ -581,7 +582,7 @@ def run_bench(
     return BenchResult(results, out, summary)
 
 
-def time_features(data: Path, category: str, limit: int = 30, size: int = 224,
+def time_features(data: Path, category: str, limit: int = 30, size: int = DEFAULT_SIZE,
                   runtime: str = "torch", threads: int = 2, progress: bool = True,
                   config: DetectorConfig | None = None) -> dict:
     """Median ms per sample of preprocessing and of each feature stage the config needs

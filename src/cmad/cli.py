@@ -12,6 +12,7 @@ from typing import Any
 import typer
 from typer.core import TyperCommand
 
+from cmad.configs import DEFAULT_SIZE
 from cmad.errors import CmadError
 
 # rich_markup_mode=None: click's plain help, which writes a boolean flag as `--json` (typer's
@@ -55,7 +56,7 @@ def _json_opt() -> Any:
 
 def _size_opt(default: int | None) -> Any:
     if default is None:
-        return typer.Option(None, "--size", show_default="the config's size, 224",
+        return typer.Option(None, "--size", show_default=f"the config's size, {DEFAULT_SIZE}",
                             help="working resolution in pixels (images are resized to SIZE x SIZE)")
     return typer.Option(default, "--size",
                         help="working resolution in pixels (images are resized to SIZE x SIZE)")
@@ -202,7 +203,7 @@ def features(
     data: Path = _data_opt(),
     category: str = _category_opt(),
     limit: int = typer.Option(30, "--limit", help="samples to time, after one warm-up sample"),
-    size: int = _size_opt(224),
+    size: int = _size_opt(DEFAULT_SIZE),
     runtime: str = typer.Option("torch", "--runtime",
                                 help="RGB backbone runtime: torch | onnx (needs the onnx extra)"),
     threads: int = _threads_opt(),
@@ -576,7 +577,7 @@ def bench(
     shots: str | None = typer.Option(None, "--shots", show_default="none",
                                      help="also fit on K training samples, e.g. 5,10,50 "
                                           "(few-shot table)"),
-    size: int = _size_opt(224),
+    size: int = _size_opt(DEFAULT_SIZE),
     cache: Path | None = _cache_opt(),
     seed: int = typer.Option(0, "--seed", help="random seed: same seed and data, same results"),
     executor: str = typer.Option("local", "--executor", help="local | ray (the [ray] extra)"),

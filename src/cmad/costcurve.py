@@ -38,6 +38,7 @@ from cmad.bench import (
     stages_of,
     timed_features,
 )
+from cmad.configs import DEFAULT_SIZE
 from cmad.data.io import atomic_folder, write_bytes_atomic
 from cmad.data.splits import select_shots, split_source
 from cmad.errors import ConfigError
@@ -78,7 +79,7 @@ def exponent(ns: Sequence[int], ys: Sequence[float]) -> float:
 
 
 def run_cost_curve(data: Path, out: Path, category: str, methods: Sequence[str],
-                   counts: Sequence[int], size: int = 224, seed: int = 0, threads: int = 2,
+                   counts: Sequence[int], size: int = DEFAULT_SIZE, seed: int = 0, threads: int = 2,
                    n_test: int = 20, progress: bool = True) -> dict:
     """Measure the cost curve of `methods` on one category; write `out` (results.json,
     cost_curve.md, cost_curve.png) whole or not at all. Returns the results."""

@@ -21,6 +21,7 @@ from safetensors.numpy import save as st_save
 from scipy import ndimage
 
 from cmad.cache import entry_path, file_digest, key_of
+from cmad.configs import DEFAULT_SIZE
 from cmad.data.io import write_bytes_atomic
 from cmad.errors import ConfigError
 from cmad.progress import progress as progress_bar
@@ -50,7 +51,7 @@ _INTERP = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BI
 class PreprocessConfig:
     """Preprocessing parameters; `plane_threshold` is in metres, `border` in pixels."""
 
-    size: int = 224
+    size: int = DEFAULT_SIZE
     remove_background: bool = True
     plane_threshold: float = 0.005
     border: int = 10

