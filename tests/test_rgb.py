@@ -27,6 +27,10 @@ from cmad.features.rgb import (
     weights_identity,
 )
 
+# The test photographs' working size (smaller than the default, DEFAULT_SIZE, to keep the
+# module fast); the extractors under test are built for it.
+SIZE = 224
+
 
 def _photo(name: str, size: int) -> np.ndarray:
     """A scikit-image photograph, centre-cropped to a square and resized to `size`."""
@@ -40,14 +44,14 @@ def _photo(name: str, size: int) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def extractor() -> RGBExtractor:
-    return RGBExtractor(RGBConfig(size=224))
+    return RGBExtractor(RGBConfig(size=SIZE))
 
 
 @pytest.fixture(scope="module")
 def images() -> np.ndarray:
     rng = np.random.default_rng(0)
-    cat = _photo("chelsea", 224)
-    return np.stack([cat, _photo("coffee", 224), rng.integers(0, 256, cat.shape, dtype=np.uint8)])
+    cat = _photo("chelsea", SIZE)
+    return np.stack([cat, _photo("coffee", SIZE), rng.integers(0, 256, cat.shape, dtype=np.uint8)])
 
 
 def test_weights_are_pretrained() -> None:
@@ -119,7 +123,7 @@ def test_other_size_and_batching() -> None:
 def test_deterministic(extractor: RGBExtractor, images: np.ndarray) -> None:
     a = extractor.extract(images)
     b = extractor.extract(images)
-    c = RGBExtractor(RGBConfig(size=224)).extract(images)
+    c = RGBExtractor(RGBConfig(size=SIZE)).extract(images)
     assert torch.equal(a, b)
     torch.testing.assert_close(a, c, atol=1e-6, rtol=0)
 
@@ -152,7 +156,7 @@ def test_truncated_forward_matches_full_model(extractor: RGBExtractor, images: n
 
 def test_onnx_matches_torch(extractor: RGBExtractor, images: np.ndarray, tmp_path) -> None:
     pytest.importorskip("onnxruntime")
-    onx = RGBExtractor(RGBConfig(size=224, threads=2), runtime="onnx", cache_dir=tmp_path)
+    onx = RGBExtractor(RGBConfig(size=SIZE, threads=2), runtime="onnx", cache_dir=tmp_path)
     assert onx.onnx_path is not None and onx.onnx_path.is_file()
     assert onx.onnx_path.parent == tmp_path / "onnx"
     assert not list(tmp_path.glob("onnx/*.tmp"))
@@ -163,7 +167,7 @@ def test_onnx_matches_torch(extractor: RGBExtractor, images: np.ndarray, tmp_pat
     assert onx.identity() == extractor.identity()
     # A second extractor reuses the cached export.
     stamp = onx.onnx_path.stat().st_mtime_ns
-    again = RGBExtractor(RGBConfig(size=224), runtime="onnx", cache_dir=tmp_path)
+    again = RGBExtractor(RGBConfig(size=SIZE), runtime="onnx", cache_dir=tmp_path)
     assert again.onnx_path == onx.onnx_path
     assert again.onnx_path.stat().st_mtime_ns == stamp
     assert float((again.extract(images[:1]) - want[:1]).abs().max()) < 1e-4
@@ -217,8 +221,8 @@ def test_identity_tracks_what_changes_features(extractor: RGBExtractor) -> None:
     ident = extractor.identity()
     assert ident["backbone"]["name"] == "efficientnet-lite0"
     assert len(ident["backbone"]["weights"]["sha256"]) == 64
-    assert RGBExtractor(RGBConfig(size=224, threads=1)).identity() == ident
-    assert RGBExtractor(RGBConfig(size=224, aggregate=1)).identity() != ident
+    assert RGBExtractor(RGBConfig(size=SIZE, threads=1)).identity() == ident
+    assert RGBExtractor(RGBConfig(size=SIZE, aggregate=1)).identity() != ident
     assert RGBExtractor(RGBConfig(size=64)).identity() != ident
     cfg = RGBConfig(size=96, strides=[8, 16], weights_path=None)
     assert RGBConfig.from_dict(cfg.to_dict()) == cfg
