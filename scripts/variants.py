@@ -1,0 +1,116 @@
+"""Design tries on the tuning seeds: methods under config overrides, on shared features.
+
+    python scripts/variants.py --data DATA [--label NAME] [--set JSON] [--methods cmad,mapping]
+        [--ensemble K]
+
+For each category of DATA: the features are extracted once (through the cache) for the
+config `--set` gives (a JSON mapping of `DetectorConfig` overrides, e.g.
+'{"geometry": {"smooth": 4}}'), each method is fitted on the training split and
+normalised on the validation normals, and the test split is scored. Metrics are at the
+working resolution (faster than the bench's original-size maps, for comparing variants
+with each other only): I-AUROC, AUPRO@30%, and the I-AUROC of the good parts against
+the dents alone and the stains alone.
+
+`--ensemble K` adds rows for K mappings trained with seeds 0..K-1 whose raw patch scores
+are averaged (then normalised on the validation normals like any branch), alone
+("mapping xK") and in place of cmad's own mapping ("cmad xK", cmad's weights).
+
+Prints one line per method with the means over the categories and the per-category
+I-AUROC / AUPRO@30%. Use tuning data only (seeds 0 and 1): never a held-out seed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+
+def _metrics(y: np.ndarray, types: np.ndarray, gts: list, scores: np.ndarray,
+             maps: np.ndarray) -> dict[str, float]:
+    from cmad.metrics import aupro, image_auroc
+
+    out = {"I": image_auroc(y, scores), "PRO": aupro(gts, list(maps), 0.3)}
+    for t in ("dent", "stain"):
+        k = (types == t) | (y == 0)
+        out[t] = image_auroc(y[k], scores[k]) if (types == t).any() else float("nan")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", required=True, type=Path)
+    ap.add_argument("--label", default="variant")
+    ap.add_argument("--set", default="{}", help="JSON mapping of config overrides")
+    ap.add_argument("--methods", default="cmad,mapping")
+    ap.add_argument("--ensemble", type=int, default=1)
+    ap.add_argument("--size", type=int, default=None)
+    args = ap.parse_args()
+
+    from cmad.bench import load_category, method_config
+    from cmad.cache import default_cache_dir
+    from cmad.configs import DEFAULT_SIZE
+    from cmad.data import open_dataset
+    from cmad.model.config import DetectorConfig
+    from cmad.model.core import _floored, map_weights
+    from cmad.model.fusion import combine, image_scores, normalise, robust_stats, upsample
+    from cmad.pipeline import Detector, pixel_area
+    from cmad.runtime import set_threads
+
+    logging.basicConfig(level=logging.ERROR)
+    set_threads(2)
+    size = args.size or DEFAULT_SIZE
+    over = json.loads(args.set)
+    base = DetectorConfig().with_overrides(over) if over else None
+    methods = args.methods.split(",")
+    res: dict[str, dict[str, dict[str, float]]] = {}
+
+    for c in open_dataset(args.data).categories:
+        cd, ext = load_category(args.data, c, size, 0, default_cache_dir(), False, methods, base)
+        y = np.array([p.label for p in cd.test])
+        types = np.array([p.defect_type for p in cd.test])
+        gts = [p.gt > 0 for p in cd.test]
+        area = pixel_area(cd.test)
+
+        fitted = {}
+        for m in methods:
+            det = Detector(method_config(m, 0, size, base), extractor=ext)
+            det.fit_features(cd.train_fm, cd.calib_fm, cd.calib, cd.modalities, category=c)
+            fitted[m] = det
+            r = det.core.score(cd.test_fm, area, branch_maps=False)
+            res.setdefault(m, {})[c] = _metrics(y, types, gts, r.scores, r.maps)
+        if args.ensemble > 1:
+            ref = fitted.get("cmad") or Detector(method_config("cmad", 0, size, base), extractor=ext)
+            if "cmad" not in fitted:
+                ref.fit_features(cd.train_fm, cd.calib_fm, cd.calib, cd.modalities, category=c)
+            raw_v, _ = ref.core.branch_scores(cd.calib_fm)
+            raw_t, _ = ref.core.branch_scores(cd.test_fm)
+            sv, st = [raw_v["mapping"][0]], [raw_t["mapping"][0]]
+            for k in range(1, args.ensemble):
+                dm = Detector(method_config("mapping", k, size, base), extractor=ext)
+                dm.fit_features(cd.train_fm, cd.calib_fm, cd.calib, cd.modalities, category=c)
+                sv.append(dm.core.branch_scores(cd.calib_fm)[0]["mapping"][0])
+                st.append(dm.core.branch_scores(cd.test_fm)[0]["mapping"][0])
+            loc, scale = robust_stats(sum(sv) / len(sv), raw_v["mapping"][1])
+            maps = {n: normalise(*raw_t[n], *ref.core.norm[n]) for n in raw_t}
+            maps["mapping"] = normalise(sum(st) / len(st), raw_t["mapping"][1], loc, scale)
+            for name, w in ((f"mapping x{args.ensemble}", {"mapping": 1.0}),
+                            (f"cmad x{args.ensemble}", ref.core.weights)):
+                pix = _floored(upsample(combine(maps, w), size, ref.config.sigma), area)
+                scores = image_scores(pix, area)
+                mw = map_weights(w, ref.config.map_exclude)
+                if mw is not None:
+                    pix = _floored(upsample(combine(maps, mw), size, ref.config.sigma), area)
+                res.setdefault(name, {})[c] = _metrics(y, types, gts, scores, pix)
+
+    for m, per in res.items():
+        mean = {k: float(np.nanmean([v[k] for v in per.values()])) for k in ("I", "PRO", "dent", "stain")}
+        cats = " ".join(f"{c} {v['I']:.3f}/{v['PRO']:.3f}" for c, v in per.items())
+        print(f"{args.data.name} {args.label} {m}: " + " ".join(f"{k} {v:.4f}" for k, v in mean.items())
+              + f" | {cats}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
