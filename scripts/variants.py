@@ -1,7 +1,7 @@
 """Design tries on the tuning seeds: methods under config overrides, on shared features.
 
     python scripts/variants.py --data DATA [--label NAME] [--set JSON] [--methods cmad,mapping]
-        [--ensemble K]
+        [--ensemble K] [--size S]
 
 For each category of DATA: the features are extracted once (through the cache) for the
 config `--set` gives (a JSON mapping of `DetectorConfig` overrides, e.g.
@@ -11,9 +11,10 @@ working resolution (faster than the bench's original-size maps, for comparing va
 with each other only): I-AUROC, AUPRO@30%, and the I-AUROC of the good parts against
 the dents alone and the stains alone.
 
-`--ensemble K` adds rows for K mappings trained with seeds 0..K-1 whose raw patch scores
-are averaged (then normalised on the validation normals like any branch), alone
-("mapping xK") and in place of cmad's own mapping ("cmad xK", cmad's weights).
+`--ensemble K` (K >= 2; the default 1 adds nothing) adds rows for K mappings trained with
+seeds 0..K-1 whose raw patch scores are averaged (then normalised on the validation
+normals like any branch), alone ("mapping xK") and in place of cmad's own mapping
+("cmad xK", cmad's weights).
 
 Prints one line per method with the means over the categories and the per-category
 I-AUROC / AUPRO@30%. Use tuning data only (seeds 0 and 1): never a held-out seed.
@@ -26,6 +27,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import torch
 
 
 def _metrics(y: np.ndarray, types: np.ndarray, gts: list, scores: np.ndarray,
@@ -48,6 +50,8 @@ def main() -> None:
     ap.add_argument("--ensemble", type=int, default=1)
     ap.add_argument("--size", type=int, default=None)
     args = ap.parse_args()
+    if args.ensemble < 1:
+        ap.error("--ensemble must be at least 1")
 
     from cmad.bench import load_category, method_config
     from cmad.cache import default_cache_dir
@@ -68,7 +72,9 @@ def main() -> None:
     res: dict[str, dict[str, dict[str, float]]] = {}
 
     for c in open_dataset(args.data).categories:
-        cd, ext = load_category(args.data, c, size, 0, default_cache_dir(), False, methods, base)
+        # the ensemble rows need cmad's features (its banks) whatever --methods says
+        need = [*methods, "cmad"] if args.ensemble > 1 else methods
+        cd, ext = load_category(args.data, c, size, 0, default_cache_dir(), False, need, base)
         y = np.array([p.label for p in cd.test])
         types = np.array([p.defect_type for p in cd.test])
         gts = [p.gt > 0 for p in cd.test]
@@ -93,13 +99,14 @@ def main() -> None:
                 dm.fit_features(cd.train_fm, cd.calib_fm, cd.calib, cd.modalities, category=c)
                 sv.append(dm.core.branch_scores(cd.calib_fm)[0]["mapping"][0])
                 st.append(dm.core.branch_scores(cd.test_fm)[0]["mapping"][0])
-            loc, scale = robust_stats(sum(sv) / len(sv), raw_v["mapping"][1])
+            normal = torch.from_numpy(np.array([p.label for p in cd.calib]) == 0)
+            loc, scale = robust_stats((sum(sv) / len(sv))[normal], raw_v["mapping"][1][normal])
             maps = {n: normalise(*raw_t[n], *ref.core.norm[n]) for n in raw_t}
             maps["mapping"] = normalise(sum(st) / len(st), raw_t["mapping"][1], loc, scale)
             for name, w in ((f"mapping x{args.ensemble}", {"mapping": 1.0}),
                             (f"cmad x{args.ensemble}", ref.core.weights)):
                 pix = _floored(upsample(combine(maps, w), size, ref.config.sigma), area)
-                scores = image_scores(pix, area)
+                scores = image_scores(pix, area, ref.config.score_mode, ref.config.topk)
                 mw = map_weights(w, ref.config.map_exclude)
                 if mw is not None:
                     pix = _floored(upsample(combine(maps, mw), size, ref.config.sigma), area)
