@@ -58,8 +58,7 @@ def main() -> None:
     from cmad.configs import DEFAULT_SIZE
     from cmad.data import open_dataset
     from cmad.model.config import DetectorConfig
-    from cmad.model.core import _floored, map_weights
-    from cmad.model.fusion import combine, image_scores, normalise, robust_stats, upsample
+    from cmad.model.fusion import normalise, robust_stats
     from cmad.pipeline import Detector, pixel_area
     from cmad.runtime import set_threads
 
@@ -105,11 +104,7 @@ def main() -> None:
             maps["mapping"] = normalise(sum(st) / len(st), raw_t["mapping"][1], loc, scale)
             for name, w in ((f"mapping x{args.ensemble}", {"mapping": 1.0}),
                             (f"cmad x{args.ensemble}", ref.core.weights)):
-                pix = _floored(upsample(combine(maps, w), size, ref.config.sigma), area)
-                scores = image_scores(pix, area, ref.config.score_mode, ref.config.topk)
-                mw = map_weights(w, ref.config.map_exclude)
-                if mw is not None:
-                    pix = _floored(upsample(combine(maps, mw), size, ref.config.sigma), area)
+                scores, pix = ref.core.fuse(maps, area, w)
                 res.setdefault(name, {})[c] = _metrics(y, types, gts, scores, pix)
 
     for m, per in res.items():

@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 from numba import njit
 
+from cmad.configs import DEFAULT_SIZE
 from cmad.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,9 @@ class FPFHConfig:
     window: grid half-width (in sampled pixels) searched for neighbours; None derives it
         per cloud from the point spacing so that it covers the radius.
     max_window: upper bound of the derived window.
-    grid: (h, w) patch grid the features are pooled into.
+    grid: (h, w) patch grid the features are pooled into (the default: the stride-8 grid
+        of the default working size; `DetectorConfig` and `FeatureExtractor` set it from
+        their size).
     min_points: a patch is valid when at least this many of its sampled points have
         neighbours.
     threads: worker threads (None: the CPUs this process may use).
@@ -74,7 +77,7 @@ class FPFHConfig:
     feature_radius: float = 0.006
     window: int | None = None
     max_window: int = 16
-    grid: tuple[int, int] = (28, 28)
+    grid: tuple[int, int] = (DEFAULT_SIZE // 8, DEFAULT_SIZE // 8)
     min_points: int = 4
     threads: int | None = None
     backend: str = "numba"

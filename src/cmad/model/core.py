@@ -177,14 +177,10 @@ class DetectorCore:
         if not any(self.weights.values()):
             raise ConfigError(f"all active branches {list(names)} have weight 0")
         report.weights = dict(self.weights)
-        normal_maps = {n: m[normal] for n, m in maps.items()}
-        pix = self._pixels(normal_maps, self.weights)
-        map_w = self.map_weights
-        pix_map = pix if map_w is None else self._pixels(normal_maps, map_w)
         a_norm = area[normal.numpy()]
-        self.decision = Decision.from_normals(
-            image_scores(pix, a_norm, cfg.score_mode, cfg.topk), pix_map, a_norm,
-            fpr=cfg.fpr, pixel_fpr=cfg.pixel_fpr)
+        scores, pix_map = self.fuse({n: m[normal] for n, m in maps.items()}, a_norm)
+        self.decision = Decision.from_normals(scores, pix_map, a_norm, fpr=cfg.fpr,
+                                              pixel_fpr=cfg.pixel_fpr)
         report.bank_entries = {b.name: b.bank_entries for b in self.branches if b.bank_entries}
         return report
 
@@ -243,14 +239,25 @@ class DetectorCore:
         t = time.perf_counter()
         cfg = self.config
         maps = {n: normalise(s, v, *self.norm[n]) for n, (s, v) in raw.items()}
-        pix = _floored(self._pixels(maps, self.weights), area)
-        scores = image_scores(pix, area, cfg.score_mode, cfg.topk)
-        map_w = self.map_weights
-        if map_w is not None:
-            pix = _floored(self._pixels(maps, map_w), area)
+        scores, pix = self.fuse(maps, area)
         bpix = {n: upsample(m, cfg.size, cfg.sigma) for n, m in maps.items()} if branch_maps else {}
         ms["fusion"] = (time.perf_counter() - t) * 1000.0 / max(len(fm), 1)
         return Scored(scores, pix, bpix, ms)
+
+    def fuse(self, maps: dict[str, torch.Tensor], area: np.ndarray,
+             weights: dict[str, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Image scores (B,) and fused pixel maps (B, S, S) from normalised (B, h, w) patch
+        maps: the weighted sum (`weights`, default the fitted ones) upsampled and blurred,
+        the padding floored, the score read over the image area; the map then leaves out
+        `config.map_exclude`."""
+        cfg = self.config
+        w = self.weights if weights is None else weights
+        pix = _floored(self._pixels(maps, w), area)
+        scores = image_scores(pix, area, cfg.score_mode, cfg.topk)
+        map_w = map_weights(w, cfg.map_exclude)
+        if map_w is not None:
+            pix = _floored(self._pixels(maps, map_w), area)
+        return scores, pix
 
     def export_module(self) -> CoreGraph:
         """`score` as a module of torch operations that exports to ONNX (`CoreGraph`);
