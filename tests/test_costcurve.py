@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from cmad.costcurve import exponent, parse_counts, run_cost_curve
+from cmad.costcurve import exponent, parse_counts, run_cost_curve, table_md
 from cmad.errors import ConfigError
 
 
@@ -18,6 +18,21 @@ def test_exponent_recovers_a_power_law():
     ns = [25, 50, 100, 200, 400]
     assert exponent(ns, [3.0 * n ** 1.3 for n in ns]) == pytest.approx(1.3)
     assert exponent([10], [1.0]) != exponent([10], [1.0])  # nan with one point
+
+
+def test_one_size_shows_no_exponent_instead_of_nan():
+    row = {"n_train": 250, "fit_s": 37.1, "method_fit_s": 19.8, "bank_entries": 10935,
+           "model_bytes": 1_090_000, "peak_rss_mb": 3436.0, "fit_rss_growth_mb": 887.0,
+           "infer_ms_per_sample": 87.1}
+    one = {"category": "gland", "size": 288, "machine": {"threads": 2},
+           "load_average": {"before": [0.7], "after": [1.3]},
+           "methods": {"cmad": {"rows": [row], "fit_exponent": exponent([250], [37.1]),
+                                "method_fit_exponent": exponent([250], [19.8])}}}
+    text = table_md(one)
+    assert "nan" not in text and "| cmad | n/a | n/a |" in text and "at least two" in text
+    two = {**one, "methods": {"cmad": {"rows": [row, row], "fit_exponent": 0.91,
+                                       "method_fit_exponent": 0.96}}}
+    assert "| cmad | 0.91 | 0.96 |" in table_md(two) and "at least two" not in table_md(two)
 
 
 def test_cost_curve_rows_and_files(tiny_root, tmp_path):

@@ -205,9 +205,14 @@ def table_md(results: dict) -> str:
                          f"{x['bank_entries']:,} | {fmt_bytes(x['model_bytes'])} | "
                          f"{x['peak_rss_mb']:.0f} ({x['fit_rss_growth_mb']:.0f}) | "
                          f"{x['infer_ms_per_sample']:.1f} |")
+    def slope(v: float) -> str:
+        return f"{v:.2f}" if np.isfinite(v) else "n/a"
+
     lines += ["", "| method | fit time exponent (all) | method fit exponent |", "|---|--:|--:|"]
     for m, r in results["methods"].items():
-        lines.append(f"| {m} | {r['fit_exponent']:.2f} | {r['method_fit_exponent']:.2f} |")
+        lines.append(f"| {m} | {slope(r['fit_exponent'])} | {slope(r['method_fit_exponent'])} |")
+    if not any(np.isfinite(r["fit_exponent"]) for r in results["methods"].values()):
+        lines += ["", "(An exponent needs at least two training-set sizes in `--scale`.)"]
     return "\n".join(lines) + "\n"
 
 

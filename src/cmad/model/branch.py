@@ -70,7 +70,7 @@ class Branch(ABC):
     "rgb-bank" or "3d-bank"), `fit_in_thread` (True when `fit` may run in a worker thread
     beside other branches' fits: it draws no numbers from torch's global generator and
     its result does not depend on the thread count; the memory banks' coresets, one core
-    each, then overlap the mapping's training on the other core).
+    each, then overlap the mapping's training and each other).
     """
 
     name: ClassVar[str]

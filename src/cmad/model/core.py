@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -186,10 +188,12 @@ class DetectorCore:
 
     def _fit_branches(self, train: FeatureMaps, val: FeatureMaps, report: FitReport,
                       progress: bool) -> None:
-        """Fit every branch: those with `fit_in_thread` one after another in a worker
-        thread, the others here at the same time (unless the thread limit is 1). Each
-        branch's fit is the same either way (none depends on the thread count); torch's
-        thread count is restored after."""
+        """Fit every branch. Those with `fit_in_thread` (the banks' coresets) wait in a queue
+        that worker threads (one fewer than the thread limit, at most one per branch) and
+        this thread, once it has fitted the others, take from in order, so that no core
+        idles while a coreset is left (one thread in all when the limit is 1). Each
+        branch's fit is the same whichever thread runs it (none depends on the thread
+        count); torch's thread count is restored after."""
         def fit_one(b: Branch) -> None:
             t = time.perf_counter()
             b.fit(train, val, progress=progress)
@@ -197,21 +201,40 @@ class DetectorCore:
 
         side = [b for b in self.branches if b.fit_in_thread]
         here = [b for b in self.branches if not b.fit_in_thread]
-        limit = thread_limit()
+        limit = thread_limit() or os.cpu_count() or 1
         threads = torch.get_num_threads()
-        if not side or not here or (limit is not None and limit < 2):
+        if limit < 2 or not side or (not here and len(side) < 2):
             for b in self.branches:
                 fit_one(b)
         else:
-            # both lanes on one torch thread each (the mapping trains on one anyway): every
+            queue = list(side)
+            lock = threading.Lock()
+
+            def drain() -> None:
+                while True:
+                    with lock:
+                        if not queue:
+                            return
+                        b = queue.pop(0)
+                    fit_one(b)
+
+            workers = max(1, min(len(side), limit - 1))
+            # every lane on one torch thread (the mapping trains on one anyway): every
             # set-and-restore of the thread count inside a fit then reads and restores 1
             torch.set_num_threads(1)
             try:
-                with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cmad-fit") as pool:
-                    done = pool.submit(lambda: [fit_one(b) for b in side])
-                    for b in here:
-                        fit_one(b)
-                    done.result()
+                with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cmad-fit") as pool:
+                    done = [pool.submit(drain) for _ in range(workers)]
+                    try:
+                        for b in here:
+                            fit_one(b)
+                        drain()
+                    except BaseException:
+                        with lock:   # after an error here, the workers start nothing new
+                            queue.clear()
+                        raise
+                    for f in done:
+                        f.result()
             finally:
                 torch.set_num_threads(threads)
         for b in self.branches:
