@@ -75,3 +75,39 @@ def test_branch_scores_have_the_batch_grid_shape(tiny_root):
         assert v.dtype == torch.bool and torch.isfinite(s).all()
     assert set(ms) == {REGISTRY[b].stage for b in det.branches}
     assert np.all(np.array(list(ms.values())) >= 0)
+
+
+class LocatingBranch(BrightnessBranch):
+    """A toy branch whose score also gives a localisation map: always the top-left patch."""
+
+    name = "toy_locating"
+
+    def score(self, fm):
+        d, where = super().score(fm)
+        loc = torch.zeros_like(d)
+        loc[:, 0, 0] = 1.0 + torch.arange(len(d), dtype=d.dtype)
+        return d, where, loc
+
+
+def test_a_localisation_map_makes_the_pixel_map_and_the_scores_stay(monkeypatch, tiny_root,
+                                                                     tmp_path):
+    monkeypatch.setitem(REGISTRY, LocatingBranch.name, LocatingBranch)
+    monkeypatch.setitem(REGISTRY, BrightnessBranch.name, BrightnessBranch)
+    cat = Dataset(tiny_root).category(Dataset(tiny_root).categories[0])
+    test = cat.samples("test")[:4]
+    plain = Detector(DetectorConfig(size=64, branches=("toy_brightness",))).fit(cat, progress=False)
+    det = Detector(DetectorConfig(size=64, branches=("toy_locating",))).fit(cat, progress=False)
+    assert "toy_locating@map" in det.core.norm
+    p_plain, preds = plain.predict(test), det.predict(test)
+    # the image score is read from the scores, as without a localisation map
+    assert [p.score for p in preds] == pytest.approx([p.score for p in p_plain], rel=1e-6)
+    for p in preds:
+        h, w = p.anomaly_map.shape
+        peak = np.unravel_index(np.argmax(p.anomaly_map), p.anomaly_map.shape)
+        assert peak[0] < h // 4 and peak[1] < w // 4  # the map is the localisation map's
+        assert set(p.branch_maps) == {"toy_locating"}
+        assert np.array_equal(np.argmax(p.branch_maps["toy_locating"]), np.argmax(p.anomaly_map))
+    loaded = Detector.load(det.save(tmp_path / "m"))
+    again = loaded.predict(test)
+    assert [p.score for p in again] == [p.score for p in preds]
+    assert all(np.array_equal(a.anomaly_map, b.anomaly_map) for a, b in zip(again, preds))

@@ -271,6 +271,7 @@ def test_a_map_without_the_rgb_bank_keeps_the_score_and_exports(data, models, tm
     (the scores of a model with every branch in its map, bit for bit), the map fuses the
     others (their normalised maps, weights rescaled), the pixel threshold is read off
     those maps, and ONNX matches torch (the exported default)."""
+    from cmad.model.core import LOC, localisation_maps
     from cmad.model.fusion import combine, normalise, upsample
 
     cat, samples = data
@@ -288,7 +289,10 @@ def test_a_map_without_the_rgb_bank_keeps_the_score_and_exports(data, models, tm
     fm, _ = det.extractor.extract(prep)
     raw, _ = det.core.branch_scores(fm)
     maps = {n: normalise(s, v, *det.core.norm[n]) for n, (s, v) in raw.items()}
-    sub = upsample(combine(maps, {"mapping": 0.5, "joint_bank": 0.5}), SIZE, det.config.sigma)
+    # the mapping (loss nll) stands in the map with its localisation map, the plain errors
+    assert "mapping" + LOC in maps
+    sub = upsample(combine(localisation_maps(maps), {"mapping": 0.5, "joint_bank": 0.5}), SIZE,
+                   det.config.sigma)
     for p, w, m, pr in zip(got, want, sub, prep):
         a = pr.geometry.image_mask(SIZE, SIZE)
         assert np.allclose(p.anomaly_map_work[a], m[a], atol=1e-6)

@@ -47,8 +47,9 @@ def test_learns_the_relation_and_scores_corrupted_patches_higher(fitted: CrossMo
     e_ab, e_ba = fitted.directions(a, b)
     assert e_ab.median() < 3.0 and e_ba.median() < 3.0  # in units of residual variance
     z_b = (b - fitted.stats["b_mean"]) / fitted.stats["b_std"]
-    pred_err = (fitted.net.a_to_b((a - fitted.stats["a_mean"]) / fitted.stats["a_std"])
-                - z_b).pow(2).mean()
+    out = fitted.net.a_to_b((a - fitted.stats["a_mean"]) / fitted.stats["a_std"])
+    assert out.shape[1] == D_B + 1  # the default loss (nll) predicts a log variance too
+    pred_err = (out[:, :D_B] - z_b).pow(2).mean()
     assert float(pred_err.detach()) < 0.05  # explains > 95 % of the standardised variance
 
 
@@ -144,3 +145,56 @@ def test_errors() -> None:
     with pytest.raises(ConfigError):
         MappingConfig.from_dict({"depth": 3})
     assert MappingConfig.from_dict(MappingConfig().to_dict()) == MappingConfig()
+
+
+def heteroscedastic(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """B = A W plus noise whose size A's first feature sets (x20 from one end to the
+    other): the relation is exact where it is small and loose where it is large."""
+    w = torch.randn(D_A, D_B, generator=torch.Generator().manual_seed(123)) / D_A ** 0.5
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(n, D_A, generator=g)
+    sd = 0.02 + 0.4 * torch.sigmoid(2.0 * a[:, 0])
+    b = a @ w + sd[:, None] * torch.randn(n, D_B, generator=g)
+    return a, b, sd
+
+
+def test_nll_learns_where_normal_pairs_are_loose_and_scores_by_it() -> None:
+    a, b, _ = heteroscedastic(6000, 0)
+    va, vb, _ = heteroscedastic(1000, 1)
+    m = CrossModalMapping(small(loss="nll", epochs=40)).fit(a, b, va, vb)
+    ta, tb, sd = heteroscedastic(2000, 2)
+    za, zb = m._standardise(ta, tb)
+    with torch.inference_mode():
+        (_, logvar), _ = m._pair_errors(m.net, za, zb, weighted=True)
+    # the predicted variance follows the true noise level
+    assert torch.corrcoef(torch.stack([logvar, sd.log()]))[0, 1] > 0.8
+    det, loc = m.score_pair(ta, tb)
+    assert torch.equal(det, m.score(ta, tb)) and not torch.equal(det, loc)
+    e_ab, e_ba = m.directions(ta, tb)
+    assert torch.allclose(loc, e_ab + e_ba)
+    # the same absolute break of the pair: the plain error is about as high in tight and
+    # loose regions, the detection score far higher where normal pairs are tight
+    bad = tb + 0.3 * tb.std(0)
+    d_bad, l_bad = m.score_pair(ta, bad)
+    tight, loose = sd < 0.08, sd > 0.35
+    assert tight.sum() > 100 and loose.sum() > 100
+    assert (d_bad[tight] - det[tight]).median() > 3 * (d_bad[loose] - det[loose]).median()
+    assert (l_bad[tight] - loc[tight]).median() < 3 * (l_bad[loose] - loc[loose]).median()
+
+
+def test_nll_state_round_trip_and_a_loss_mismatch_is_named() -> None:
+    a, b, _ = heteroscedastic(1000, 0)
+    m = CrossModalMapping(small(loss="nll", epochs=3)).fit(a, b)
+    m.round_to_float16()
+    sd = m.state_dict(half=True)
+    other = CrossModalMapping(small(loss="nll", epochs=3))
+    other.load_state_dict(sd)
+    assert all(torch.equal(x, y) for x, y in zip(other.score_pair(a[:50], b[:50]),
+                                                 m.score_pair(a[:50], b[:50])))
+    with pytest.raises(ValueError, match="variance outputs"):
+        CrossModalMapping(small(loss="mse")).load_state_dict(sd)
+    plain = CrossModalMapping(small(loss="mse", epochs=3)).fit(a, b)
+    det, loc = plain.score_pair(a[:50], b[:50])
+    assert torch.equal(det, loc)
+    with pytest.raises(ValueError, match="variance outputs"):
+        CrossModalMapping(small(loss="nll")).load_state_dict(plain.state_dict())

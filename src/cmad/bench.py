@@ -50,9 +50,15 @@ METHODS: dict[str, tuple[dict, str]] = {
     "cmad-v1": ({"branches": ("align", "joint_bank", "rgb_bank", "xyz_bank"), "weights": "joint",
                  "map_exclude": (), "bank_fraction": 0.015, "joint_fraction": 0.06},
                 "the previous default: latent alignment + joint bank (half) + RGB and FPFH banks"),
+    "cmad-mse": ({"mapping": {"loss": "mse"}},
+                 "the previous default (up to round 8): cmad with the mapping trained on plain "
+                 "squared errors, no predicted variance"),
     "mapping": ({"branches": ("mapping",)},
                 "dense cross-modal mapping alone: RGB CNN features <-> CNN features of the "
-                "rendered geometry, both directions"),
+                "rendered geometry, both directions; scores over the predicted variance, map "
+                "of the plain errors"),
+    "mapping-mse": ({"branches": ("mapping",), "mapping": {"loss": "mse"}},
+                    "the mapping alone as up to round 8 (plain squared errors)"),
     "joint-bank": ({"branches": ("joint_bank",)},
                    "light joint RGB+FPFH bank alone (cross-modal co-occurrence), 3.6% coreset, int4"),
     "rgb-bank": ({"branches": ("rgb_bank",)}, "light RGB memory bank alone"),

@@ -99,8 +99,11 @@ class Branch(ABC):
         """Fit on normal training patches; `val` holds normal validation samples only."""
 
     @abstractmethod
-    def score(self, fm: FeatureMaps) -> tuple[torch.Tensor, torch.Tensor]:
-        """Raw (B, h, w) patch scores and the (B, h, w) patches where they are defined."""
+    def score(self, fm: FeatureMaps) -> tuple[torch.Tensor, ...]:
+        """Raw (B, h, w) patch scores and the (B, h, w) patches where they are defined;
+        optionally a third (B, h, w) map, the branch's localisation map: normalised on its
+        own, it stands for the branch in the fused pixel map, while the image score reads
+        the scores (the mapping with `loss: nll`; `DetectorCore`, key suffix `LOC`)."""
 
     @abstractmethod
     def state_dict(self) -> dict[str, torch.Tensor]:

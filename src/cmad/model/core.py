@@ -175,7 +175,7 @@ class DetectorCore:
             gt_patch = torch.from_numpy(np.stack(
                 [pool_cells(g.astype(np.float32)[..., None], grid)[..., 0] >= 0.25 for g in gt]))
             self.weights, report.single_branch_criterion = choose_weights(
-                maps, gt_patch, calib.image, np.asarray(labels))
+                {n: maps[n] for n in names}, gt_patch, calib.image, np.asarray(labels))
         if not any(self.weights.values()):
             raise ConfigError(f"all active branches {list(names)} have weight 0")
         report.weights = dict(self.weights)
@@ -243,13 +243,17 @@ class DetectorCore:
     # ---------------------------------------------------------------- scoring
     def branch_scores(self, fm: FeatureMaps
                       ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, float]]:
-        """Raw (B, h, w) patch scores and validity of each branch, and ms per sample by stage."""
+        """Raw (B, h, w) patch scores and validity of each branch (and of a branch's
+        localisation map, under its name + LOC), and ms per sample by stage."""
         out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         ms: dict[str, float] = {}
         n = max(len(fm), 1)
         for b in self.branches:
             t = time.perf_counter()
-            out[b.name] = b.score(fm)
+            res = b.score(fm)
+            out[b.name] = (res[0], res[1])
+            if len(res) > 2:   # a localisation map besides the scores (LOC)
+                out[b.name + LOC] = (res[2], res[1])
             ms[b.stage] = ms.get(b.stage, 0.0) + (time.perf_counter() - t) * 1000.0 / n
         return out, ms
 
@@ -263,7 +267,8 @@ class DetectorCore:
         cfg = self.config
         maps = {n: normalise(s, v, *self.norm[n]) for n, (s, v) in raw.items()}
         scores, pix = self.fuse(maps, area)
-        bpix = {n: upsample(m, cfg.size, cfg.sigma) for n, m in maps.items()} if branch_maps else {}
+        bpix = ({n: upsample(m, cfg.size, cfg.sigma) for n, m in localisation_maps(maps).items()}
+                if branch_maps else {})
         ms["fusion"] = (time.perf_counter() - t) * 1000.0 / max(len(fm), 1)
         return Scored(scores, pix, bpix, ms)
 
@@ -272,14 +277,15 @@ class DetectorCore:
         """Image scores (B,) and fused pixel maps (B, S, S) from normalised (B, h, w) patch
         maps: the weighted sum (`weights`, default the fitted ones) upsampled and blurred,
         the padding floored, the score read over the image area; the map then leaves out
-        `config.map_exclude`."""
+        `config.map_exclude` and takes each branch's localisation map where it has one."""
         cfg = self.config
         w = self.weights if weights is None else weights
         pix = _floored(self._pixels(maps, w), area)
         scores = image_scores(pix, area, cfg.score_mode, cfg.topk)
         map_w = map_weights(w, cfg.map_exclude)
-        if map_w is not None:
-            pix = _floored(self._pixels(maps, map_w), area)
+        loc = localisation_maps(maps)
+        if map_w is not None or any(n.endswith(LOC) for n in maps):
+            pix = _floored(self._pixels(loc, map_w or w), area)
         return scores, pix
 
     def export_module(self) -> CoreGraph:
@@ -313,7 +319,8 @@ class DetectorCore:
         if unknown or not names:
             raise ValueError(f"unknown or no branches {unknown or names}")
         core.branches = [REGISTRY[n](config) for n in names]
-        core.norm = {n: (float(meta["norm"][n][0]), float(meta["norm"][n][1])) for n in names}
+        keys = [*names, *(n + LOC for n in names if n + LOC in meta["norm"])]
+        core.norm = {n: (float(meta["norm"][n][0]), float(meta["norm"][n][1])) for n in keys}
         core.weights = {n: float(meta["weights"][n]) for n in names}
         threshold = float(meta["threshold"])  # ValueError / TypeError on a bad value
         core.decision = (Decision.from_dict(meta["decision"]) if "decision" in meta
@@ -326,6 +333,17 @@ class DetectorCore:
             own = {k[len(b.name) + 1:]: v for k, v in tensors.items() if k.startswith(f"{b.name}.")}
             b.load_state_dict(own, meta["branch_meta"].get(b.name, {}))
         return core
+
+
+# key suffix of a branch's localisation map, when its `score` gives one besides the scores
+# (the mapping with `loss: nll`): normalised on its own, it replaces the branch's map in the
+# fused pixel map; the image score keeps the branch's scores
+LOC = "@map"
+
+
+def localisation_maps(maps: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The branch maps the pixel map fuses: each branch's localisation map where it has one."""
+    return {n: maps.get(n + LOC, m) for n, m in maps.items() if not n.endswith(LOC)}
 
 
 def map_weights(weights: dict[str, float], exclude: Sequence[str]) -> dict[str, float] | None:
@@ -359,7 +377,7 @@ class CoreGraph(torch.nn.Module):
         cfg = core.config
         self.names = core.names
         self.branches = torch.nn.ModuleList([b.export_module() for b in core.branches])
-        self.norm = {n: tuple(core.norm[n]) for n in self.names}
+        self.norm = {n: tuple(v) for n, v in core.norm.items()}
         self.weights = dict(core.weights)
         self.map_weights = core.map_weights
         self.pixels = PixelMaps(cfg.size, cfg.sigma)
@@ -371,8 +389,10 @@ class CoreGraph(torch.nn.Module):
     def forward(self, fm: FeatureMaps, area: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         maps = {}
         for name, module in zip(self.names, self.branches):
-            s, v = module(fm)
-            maps[name] = normalise(s, v, *self.norm[name])
+            res = module(fm)
+            maps[name] = normalise(res[0], res[1], *self.norm[name])
+            if len(res) > 2:
+                maps[name + LOC] = normalise(res[2], res[1], *self.norm[name + LOC])
         flat_area = area.flatten(1)
         has = flat_area.any(1)
         inside = flat_area | ~has[:, None]  # no image area: the whole map (as image_scores)
@@ -390,6 +410,7 @@ class CoreGraph(torch.nn.Module):
         else:
             k = min(self.topk, flat.shape[1])
             scores = torch.topk(flat, k, dim=1).values.mean(1)
-        if self.map_weights is not None:
-            pix = floored(self.pixels(combine(maps, self.map_weights)))
+        loc = localisation_maps(maps)
+        if self.map_weights is not None or len(loc) < len(maps):
+            pix = floored(self.pixels(combine(loc, self.map_weights or self.weights)))
         return scores, pix

@@ -52,11 +52,18 @@ class MappingBranch(Branch):
             self.model.round_to_float16()
         self.info = {"epochs": len(getattr(self.model, "history", []))}
 
-    def score(self, fm: FeatureMaps) -> tuple[torch.Tensor, torch.Tensor]:
+    def score(self, fm: FeatureMaps) -> tuple[torch.Tensor, ...]:
+        """(scores, where), and with `mapping.loss: nll` a third map, the plain errors,
+        which the fused pixel map uses (the scores are the errors over their predicted
+        variance, for detection)."""
         if self.model is None:
             raise RuntimeError("mapping: score called before fit")
         bsz, h, w = fm.valid.shape
-        return self.model.score(*self._inputs(fm)).reshape(bsz, h, w), self.where(fm)
+        det, loc = self.model.score_pair(*self._inputs(fm))
+        where = self.where(fm)
+        if self.model.cfg.loss != "nll":
+            return det.reshape(bsz, h, w), where
+        return det.reshape(bsz, h, w), where, loc.reshape(bsz, h, w)
 
     def export_module(self) -> nn.Module:
         if self.model is None:
@@ -82,10 +89,12 @@ class _MappingGraph(nn.Module):
         self.branch = branch
         self.net = half_stored(branch.model.net)
 
-    def forward(self, fm: FeatureMaps) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, fm: FeatureMaps) -> tuple[torch.Tensor, ...]:
         h, w = fm.grid
         m = self.branch.model
         za, zb = m._standardise(*self.branch._inputs(fm))
-        e_ab, e_ba = m._pair_errors(self.net, za, zb, weighted=True)
-        s = e_ab * e_ba if m.cfg.combine == "product" else e_ab + e_ba
-        return s.reshape(-1, h, w), self.branch.where(fm)
+        det, loc = m.combine(m._pair_errors(self.net, za, zb, weighted=True))
+        where = self.branch.where(fm)
+        if m.cfg.loss != "nll":
+            return det.reshape(-1, h, w), where
+        return det.reshape(-1, h, w), where, loc.reshape(-1, h, w)
