@@ -12,9 +12,9 @@ with each other only): I-AUROC, AUPRO@30%, and the I-AUROC of the good parts aga
 the dents alone and the stains alone.
 
 `--ensemble K` (K >= 2; the default 1 adds nothing) adds rows for K mappings trained with
-seeds 0..K-1 whose raw patch scores are averaged (then normalised on the validation
-normals like any branch), alone ("mapping xK") and in place of cmad's own mapping
-("cmad xK", cmad's weights).
+seeds 0..K-1 whose raw patch scores (and, with `mapping.loss: nll`, their localisation
+maps) are averaged, then normalised on the validation normals like any branch, alone
+("mapping xK") and in place of cmad's own mapping ("cmad xK", cmad's weights).
 
 Prints one line per method with the means over the categories and the per-category
 I-AUROC / AUPRO@30%. Use tuning data only (seeds 0 and 1): never a held-out seed.
@@ -92,16 +92,23 @@ def main() -> None:
                 ref.fit_features(cd.train_fm, cd.calib_fm, cd.calib, cd.modalities, category=c)
             raw_v, _ = ref.core.branch_scores(cd.calib_fm)
             raw_t, _ = ref.core.branch_scores(cd.test_fm)
-            sv, st = [raw_v["mapping"][0]], [raw_t["mapping"][0]]
+            # the mapping's scores and, with loss nll, its localisation map ("mapping@map")
+            keys = [k for k in raw_v if k.startswith("mapping")]
+            sv = {k: [raw_v[k][0]] for k in keys}
+            st = {k: [raw_t[k][0]] for k in keys}
             for k in range(1, args.ensemble):
                 dm = Detector(method_config("mapping", k, size, base), extractor=ext)
                 dm.fit_features(cd.train_fm, cd.calib_fm, cd.calib, cd.modalities, category=c)
-                sv.append(dm.core.branch_scores(cd.calib_fm)[0]["mapping"][0])
-                st.append(dm.core.branch_scores(cd.test_fm)[0]["mapping"][0])
+                rv, rt = dm.core.branch_scores(cd.calib_fm)[0], dm.core.branch_scores(cd.test_fm)[0]
+                for key in keys:
+                    sv[key].append(rv[key][0])
+                    st[key].append(rt[key][0])
             normal = torch.from_numpy(np.array([p.label for p in cd.calib]) == 0)
-            loc, scale = robust_stats((sum(sv) / len(sv))[normal], raw_v["mapping"][1][normal])
             maps = {n: normalise(*raw_t[n], *ref.core.norm[n]) for n in raw_t}
-            maps["mapping"] = normalise(sum(st) / len(st), raw_t["mapping"][1], loc, scale)
+            for key in keys:
+                v = raw_v[key][1]
+                stats = robust_stats((sum(sv[key]) / len(sv[key]))[normal], v[normal])
+                maps[key] = normalise(sum(st[key]) / len(st[key]), raw_t[key][1], *stats)
             for name, w in ((f"mapping x{args.ensemble}", {"mapping": 1.0}),
                             (f"cmad x{args.ensemble}", ref.core.weights)):
                 scores, pix = ref.core.fuse(maps, area, w)

@@ -111,3 +111,20 @@ def test_a_localisation_map_makes_the_pixel_map_and_the_scores_stay(monkeypatch,
     again = loaded.predict(test)
     assert [p.score for p in again] == [p.score for p in preds]
     assert all(np.array_equal(a.anomaly_map, b.anomaly_map) for a, b in zip(again, preds))
+
+
+def test_a_nll_mapping_model_without_its_map_normalisation_is_refused(tiny_models, tmp_path):
+    import json
+    import shutil
+
+    from cmad.errors import ModelFormatError
+
+    model = tmp_path / "m"
+    shutil.copytree(tiny_models[0], model)
+    meta = json.loads((model / "config.json").read_text())
+    assert meta["config"]["mapping"]["loss"] == "nll" and "mapping@map" in meta["norm"]
+    Detector.load(model)  # loads as saved
+    del meta["norm"]["mapping@map"]
+    (model / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelFormatError, match="mapping@map"):
+        Detector.load(model)

@@ -17,8 +17,10 @@ from cmad.runtime import set_threads, thread_limit
 class _Fake:
     """Records which thread fitted it, when, and how many fits ran at once."""
 
-    def __init__(self, name: str, side: bool, seconds: float, log: dict, fail: bool = False):
+    def __init__(self, name: str, side: bool, seconds: float, log: dict, fail: bool = False,
+                 started: threading.Event | None = None, wait: threading.Event | None = None):
         self.name, self.fit_in_thread, self.seconds, self.log, self.fail = name, side, seconds, log, fail
+        self.started, self.wait = started, wait   # set when this fit starts; waited on first
         self.info: dict = {}
 
     def fit(self, train, val, progress=False):  # noqa: ANN001, ANN201
@@ -29,7 +31,11 @@ class _Fake:
             log["start"][self.name] = time.perf_counter()
             log["thread"][self.name] = threading.current_thread().name
             log["torch_threads"].add(torch.get_num_threads())
+        if self.started is not None:
+            self.started.set()
         try:
+            if self.wait is not None:
+                assert self.wait.wait(30), f"{self.name}: waited in vain"
             time.sleep(self.seconds)
             if self.fail:
                 raise RuntimeError(f"{self.name} failed")
@@ -68,8 +74,9 @@ def test_main_thread_takes_a_queued_bank_once_its_own_branch_is_fitted(limit):
     limit(2)
     torch.set_num_threads(2)
     log = _log()
-    branches = [_Fake("mapping", False, 0.05, log), _Fake("joint", True, 0.6, log),
-                _Fake("rgb", True, 0.3, log)]
+    joint_started = threading.Event()   # the mapping ends only once the worker has the bank
+    branches = [_Fake("mapping", False, 0.05, log, wait=joint_started),
+                _Fake("joint", True, 0.6, log, started=joint_started), _Fake("rgb", True, 0.3, log)]
     report = _fit(branches)
     assert sorted(report.branch_fit_s) == ["joint", "mapping", "rgb"]
     assert set(report.branch_info) == {"joint", "mapping", "rgb"}
@@ -116,9 +123,24 @@ def test_a_failed_bank_fit_is_raised_and_the_thread_count_restored(limit):
 def test_a_failed_main_lane_starts_no_further_bank(limit):
     limit(2)
     log = _log()
-    branches = [_Fake("m", False, 0.05, log, fail=True), _Fake("b1", True, 0.3, log),
+    b1_started = threading.Event()
+    branches = [_Fake("m", False, 0.05, log, fail=True, wait=b1_started),
+                _Fake("b1", True, 0.3, log, started=b1_started),
                 _Fake("b2", True, 0.01, log), _Fake("b3", True, 0.01, log)]
     with pytest.raises(RuntimeError, match="m failed"):
         _fit(branches)
     # b1 was running in the worker; the queue was emptied before it finished
     assert "b1" in log["end"] and "b2" not in log["start"] and "b3" not in log["start"]
+
+
+def test_a_failed_bank_in_a_worker_starts_no_further_bank(limit):
+    limit(2)
+    log = _log()
+    b1_started = threading.Event()
+    branches = [_Fake("m", False, 0.3, log, wait=b1_started),
+                _Fake("b1", True, 0.01, log, fail=True, started=b1_started),
+                _Fake("b2", True, 0.01, log), _Fake("b3", True, 0.01, log)]
+    with pytest.raises(RuntimeError, match="b1 failed"):
+        _fit(branches)
+    # the main thread was still fitting m when b1 failed: nobody took b2 or b3 after it
+    assert "m" in log["end"] and "b2" not in log["start"] and "b3" not in log["start"]

@@ -49,7 +49,7 @@ METHODS: dict[str, tuple[dict, str]] = {
                      "cmad with every branch in the map (the default up to round 6)"),
     "cmad-v1": ({"branches": ("align", "joint_bank", "rgb_bank", "xyz_bank"), "weights": "joint",
                  "map_exclude": (), "bank_fraction": 0.015, "joint_fraction": 0.06},
-                "the previous default: latent alignment + joint bank (half) + RGB and FPFH banks"),
+                "the default before round 4: latent alignment + joint bank (half) + RGB and FPFH banks"),
     "cmad-mse": ({"mapping": {"loss": "mse"}},
                  "the previous default (up to round 8): cmad with the mapping trained on plain "
                  "squared errors, no predicted variance"),

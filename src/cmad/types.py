@@ -116,8 +116,9 @@ class Prediction:
     score: image-level anomaly score (higher = more anomalous).
     anomaly_map: float32 (H, W) at the original image size.
     anomaly_map_work: float32 (S, S) at working resolution.
-    branch_maps: per-branch standardised maps at working resolution, e.g. "align",
-        "rgb_bank", "xyz_bank".
+    branch_maps: per-branch standardised maps at working resolution, e.g. "mapping",
+        "rgb_bank", "xyz_bank" (a branch's localisation map where it has one: for the
+        mapping with `loss: nll`, its plain errors, not the scores over their variance).
     """
 
     score: float

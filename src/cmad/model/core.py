@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import threading
 import time
 from collections.abc import Sequence
@@ -201,7 +200,7 @@ class DetectorCore:
 
         side = [b for b in self.branches if b.fit_in_thread]
         here = [b for b in self.branches if not b.fit_in_thread]
-        limit = thread_limit() or os.cpu_count() or 1
+        limit = thread_limit() or torch.get_num_threads()
         threads = torch.get_num_threads()
         if limit < 2 or not side or (not here and len(side) < 2):
             for b in self.branches:
@@ -216,7 +215,12 @@ class DetectorCore:
                         if not queue:
                             return
                         b = queue.pop(0)
-                    fit_one(b)
+                    try:
+                        fit_one(b)
+                    except BaseException:
+                        with lock:   # after an error, no thread starts another bank
+                            queue.clear()
+                        raise
 
             workers = max(1, min(len(side), limit - 1))
             # every lane on one torch thread (the mapping trains on one anyway): every
@@ -321,6 +325,9 @@ class DetectorCore:
         core.branches = [REGISTRY[n](config) for n in names]
         keys = [*names, *(n + LOC for n in names if n + LOC in meta["norm"])]
         core.norm = {n: (float(meta["norm"][n][0]), float(meta["norm"][n][1])) for n in keys}
+        if "mapping" in names and config.mapping.loss == "nll" and "mapping" + LOC not in core.norm:
+            raise ValueError(f"the mapping (loss nll) has no normalisation for its map "
+                             f"('mapping{LOC}')")
         core.weights = {n: float(meta["weights"][n]) for n in names}
         threshold = float(meta["threshold"])  # ValueError / TypeError on a bad value
         core.decision = (Decision.from_dict(meta["decision"]) if "decision" in meta

@@ -21,14 +21,18 @@ normal data.
 With `loss: nll` each MLP also predicts, per patch, the log variance of its own error (a
 Gaussian negative log-likelihood: error / variance + log variance): where normal parts
 are hard to predict (creases, crater rims, texture), the predicted variance is large.
-`score` then gives two maps: for detection, each direction's error divided by its
+`score_pair` then gives two maps: for detection, each direction's error divided by its
 predicted variance (a normal patch that is merely hard to predict stays low); for
-localisation, the plain error, as with `mse` (`score_pair`).
+localisation, the plain error, as with `mse` (`score_pair`). The variance is learnt on the
+unweighted squared errors (training), while scoring divides the residual-weighted error by
+it: the weights rescale the dimensions, the variance says where on the part errors are
+large.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -260,7 +264,10 @@ class CrossModalMapping:
                 val_loss = float(self._loss(net, va, vb)) if has_val else train_loss
             self.history.append((train_loss, val_loss))
             bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val_loss:.3f}")
-            if val_loss < best_loss * (1.0 - 1e-4):  # the losses are >= 0
+            # an improvement by more than 1e-4 of the best loss's size (the nll loss can be
+            # negative; for losses >= 0 this is val_loss < best_loss * (1 - 1e-4))
+            if math.isfinite(val_loss) and (best_state is None
+                                            or val_loss < best_loss - 1e-4 * abs(best_loss)):
                 best_loss, bad, self.best_epoch = val_loss, 0, epoch + 1
                 best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
             else:

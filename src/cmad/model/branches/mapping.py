@@ -2,8 +2,10 @@
 
 The RGB CNN features of a patch and the CNN features of the same patch of the rendered
 geometry (`mapping_b`: "geom", optionally with "xyz", FPFH) predict each other on normal
-parts; the score is how badly each is predicted from the other. Defined on patches on the
-part (enough foreground).
+parts; the score is how badly each is predicted from the other, divided (with the default
+`mapping.loss: nll`) by the variance the MLPs predict for their own error on the patch; the
+plain errors are the branch's localisation map. Defined on patches on the part (enough
+foreground).
 """
 from __future__ import annotations
 
