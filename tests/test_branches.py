@@ -81,6 +81,7 @@ class LocatingBranch(BrightnessBranch):
     """A toy branch whose score also gives a localisation map: always the top-left patch."""
 
     name = "toy_locating"
+    gives_map = True
 
     def score(self, fm):
         d, where = super().score(fm)

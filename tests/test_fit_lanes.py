@@ -53,11 +53,7 @@ def _log() -> dict:
 @pytest.fixture
 def limit():
     before, torch_before = thread_limit(), torch.get_num_threads()
-
-    def use(n: int | None) -> None:
-        set_threads(n)
-
-    yield use
+    yield set_threads
     set_threads(before)
     torch.set_num_threads(torch_before)
 

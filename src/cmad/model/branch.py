@@ -103,7 +103,8 @@ class Branch(ABC):
         """Raw (B, h, w) patch scores and the (B, h, w) patches where they are defined;
         optionally a third (B, h, w) map, the branch's localisation map: normalised on its
         own, it stands for the branch in the fused pixel map, while the image score reads
-        the scores (the mapping with `loss: nll`; `DetectorCore`, key suffix `LOC`)."""
+        the scores (the mapping with `loss: nll`; `DetectorCore`, key suffix `LOC`). A
+        branch that gives one says so in `gives_map`."""
 
     @abstractmethod
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -131,3 +132,8 @@ class Branch(ABC):
     @property
     def bank_bytes(self) -> int:
         return 0
+
+    @property
+    def gives_map(self) -> bool:
+        """True when `score` gives a localisation map as its third output."""
+        return False

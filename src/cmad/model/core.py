@@ -209,34 +209,30 @@ class DetectorCore:
             queue = list(side)
             lock = threading.Lock()
 
-            def drain() -> None:
-                while True:
-                    with lock:
-                        if not queue:
-                            return
-                        b = queue.pop(0)
-                    try:
+            def run(own: Sequence[Branch]) -> None:
+                """Fit `own`, then banks from the queue until it is empty."""
+                try:
+                    for b in own:
                         fit_one(b)
-                    except BaseException:
-                        with lock:   # after an error, no thread starts another bank
-                            queue.clear()
-                        raise
+                    while True:
+                        with lock:
+                            if not queue:
+                                return
+                            b = queue.pop(0)
+                        fit_one(b)
+                except BaseException:
+                    with lock:   # after an error, no thread starts another bank
+                        queue.clear()
+                    raise
 
-            workers = max(1, min(len(side), limit - 1))
+            workers = min(len(side), limit - 1)
             # every lane on one torch thread (the mapping trains on one anyway): every
             # set-and-restore of the thread count inside a fit then reads and restores 1
             torch.set_num_threads(1)
             try:
                 with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cmad-fit") as pool:
-                    done = [pool.submit(drain) for _ in range(workers)]
-                    try:
-                        for b in here:
-                            fit_one(b)
-                        drain()
-                    except BaseException:
-                        with lock:   # after an error here, the workers start nothing new
-                            queue.clear()
-                        raise
+                    done = [pool.submit(run, ()) for _ in range(workers)]
+                    run(here)
                     for f in done:
                         f.result()
             finally:
@@ -255,8 +251,11 @@ class DetectorCore:
         for b in self.branches:
             t = time.perf_counter()
             res = b.score(fm)
+            if (len(res) > 2) != b.gives_map:
+                raise RuntimeError(f"{b.name}: gives_map is {b.gives_map}, but score gave "
+                                   f"{len(res)} maps")
             out[b.name] = (res[0], res[1])
-            if len(res) > 2:   # a localisation map besides the scores (LOC)
+            if b.gives_map:   # a localisation map besides the scores (LOC)
                 out[b.name + LOC] = (res[2], res[1])
             ms[b.stage] = ms.get(b.stage, 0.0) + (time.perf_counter() - t) * 1000.0 / n
         return out, ms
@@ -288,7 +287,7 @@ class DetectorCore:
         scores = image_scores(pix, area, cfg.score_mode, cfg.topk)
         map_w = map_weights(w, cfg.map_exclude)
         loc = localisation_maps(maps)
-        if map_w is not None or any(n.endswith(LOC) for n in maps):
+        if map_w is not None or len(loc) < len(maps):
             pix = _floored(self._pixels(loc, map_w or w), area)
         return scores, pix
 
@@ -323,11 +322,11 @@ class DetectorCore:
         if unknown or not names:
             raise ValueError(f"unknown or no branches {unknown or names}")
         core.branches = [REGISTRY[n](config) for n in names]
-        keys = [*names, *(n + LOC for n in names if n + LOC in meta["norm"])]
+        keys = [*names, *(b.name + LOC for b in core.branches if b.gives_map)]
+        missing = [k for k in keys if k not in meta["norm"]]
+        if missing:
+            raise ValueError(f"no normalisation for {missing}")
         core.norm = {n: (float(meta["norm"][n][0]), float(meta["norm"][n][1])) for n in keys}
-        if "mapping" in names and config.mapping.loss == "nll" and "mapping" + LOC not in core.norm:
-            raise ValueError(f"the mapping (loss nll) has no normalisation for its map "
-                             f"('mapping{LOC}')")
         core.weights = {n: float(meta["weights"][n]) for n in names}
         threshold = float(meta["threshold"])  # ValueError / TypeError on a bad value
         core.decision = (Decision.from_dict(meta["decision"]) if "decision" in meta

@@ -60,12 +60,19 @@ class MappingBranch(Branch):
         variance, for detection)."""
         if self.model is None:
             raise RuntimeError("mapping: score called before fit")
-        bsz, h, w = fm.valid.shape
-        det, loc = self.model.score_pair(*self._inputs(fm))
-        where = self.where(fm)
-        if self.model.cfg.loss != "nll":
-            return det.reshape(bsz, h, w), where
-        return det.reshape(bsz, h, w), where, loc.reshape(bsz, h, w)
+        return self.outputs(*self.model.score_pair(*self._inputs(fm)), self.where(fm))
+
+    @property
+    def gives_map(self) -> bool:
+        return self.config.mapping.loss == "nll"
+
+    def outputs(self, det: torch.Tensor, loc: torch.Tensor, where: torch.Tensor
+                ) -> tuple[torch.Tensor, ...]:
+        """`score`'s result from flat detection and localisation scores: (B, h, w) maps."""
+        shape = (-1, int(where.shape[1]), int(where.shape[2]))  # the batch stays free in ONNX
+        if not self.gives_map:
+            return det.reshape(shape), where
+        return det.reshape(shape), where, loc.reshape(shape)
 
     def export_module(self) -> nn.Module:
         if self.model is None:
@@ -92,11 +99,7 @@ class _MappingGraph(nn.Module):
         self.net = half_stored(branch.model.net)
 
     def forward(self, fm: FeatureMaps) -> tuple[torch.Tensor, ...]:
-        h, w = fm.grid
         m = self.branch.model
         za, zb = m._standardise(*self.branch._inputs(fm))
         det, loc = m.combine(m._pair_errors(self.net, za, zb, weighted=True))
-        where = self.branch.where(fm)
-        if m.cfg.loss != "nll":
-            return det.reshape(-1, h, w), where
-        return det.reshape(-1, h, w), where, loc.reshape(-1, h, w)
+        return self.branch.outputs(det, loc, self.branch.where(fm))
