@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import tifffile
 from PIL import Image
+from scipy.stats import norm
 from typer.testing import CliRunner
 
 from cmad.cli import app
@@ -18,6 +19,7 @@ from cmad.model.decision import (
     MAX_ALPHA,
     Decision,
     fit_scores,
+    fit_scores_n,
     heat,
     pixel_quantiles,
     pixel_value,
@@ -49,6 +51,23 @@ def test_lognormal_threshold_matches_the_true_quantile():
     # on fresh normals from the same law about 1% exceed it
     fresh = np.exp(rng.normal(-0.3, 0.2, 200000))
     assert 0.007 < (fresh > score_quantile(shift, loc, scale, 0.01)).mean() < 0.013
+
+
+def test_threshold_from_ten_normals_keeps_its_false_positive_rate():
+    """With 10 normals the estimated spread is uncertain: the predictive (Student-t) rule
+    keeps the target rate on average over draws of the normals; the normal quantile, which
+    takes the spread as known, exceeds it (by about 2x at 1%)."""
+    rng = np.random.default_rng(3)
+    rates = {"t": [], "known": []}
+    for _ in range(3000):
+        ls = rng.normal(0.0, 1.0, 10)
+        shift, loc, scale, n = fit_scores_n(np.exp(ls))
+        assert shift == 0.0
+        for key, k in (("t", n), ("known", 0)):
+            t = score_quantile(shift, loc, scale, 0.01, k)
+            rates[key].append(float(norm.sf(math.log(t))))   # true exceedance of N(0, 1)
+    assert 0.008 < np.mean(rates["t"]) < 0.0125
+    assert np.mean(rates["known"]) > 0.018
 
 
 def test_threshold_is_robust_to_a_defective_part_among_the_normals():
@@ -276,8 +295,10 @@ def test_calibrate_rewrites_only_the_decision(fitted, tmp_path):
                                   [p.score for p in b.predict(test)])
     # the threshold is the model's rule applied to these normals' scores
     scores = [p.score for p in a.predict([s for s in test if s.label == 0])]
-    shift, loc, scale = fit_scores(scores)
-    assert new["decision"]["threshold"] == pytest.approx(score_quantile(shift, loc, scale, 0.2))
+    shift, loc, scale, n = fit_scores_n(scores)
+    assert new["decision"]["n_fit"] == n
+    assert new["decision"]["threshold"] == pytest.approx(
+        score_quantile(shift, loc, scale, 0.2, n))
     # in place on a dataset root's validation split; user data untouched
     r = _run("calibrate", "--model", model, "--data", fitted.root, "--category", fitted.cat,
              "--threads", 1, "--quiet")
@@ -319,7 +340,7 @@ def test_a_format_3_model_still_loads_and_calibrate_upgrades_it(fitted, tmp_path
 def test_bench_decision_rates_and_table():
     from cmad.bench import _mean_decision
     from cmad.evaluate import decision_rates
-    from cmad.report.tables import decision_table, headline_table, summary_text
+    from cmad.report.tables import decision_table, headline_table, summary_text, targets_table
 
     d = Decision(threshold=1.0, pixel_threshold=0.5, target_fpr=0.01)
     amap = np.zeros((4, 4), np.float32)
@@ -349,6 +370,38 @@ def test_bench_decision_rates_and_table():
     assert "50% / 33%" in headline_table(results).cells[0]
     lines = summary_text(results).splitlines()
     assert lines[0].split()[-2:] == ["FPR@thr", "FNR@thr"] and lines[1].split()[-2:] == ["50%", "33%"]
+    assert "target_0.01_fpr" not in r  # no stored distribution: no rates at other targets
+    assert targets_table(results) is None
+
+
+def test_bench_rates_at_target_rates_follow_the_rule():
+    """The bench applies the model's rule at 1%, 5% and 10% and reports the test split's
+    rates there; the report's targets table shows their means."""
+    from cmad.bench import _mean_decision
+    from cmad.evaluate import TARGET_RATES, decision_rates, target_key
+    from cmad.report.tables import targets_table
+
+    rng = np.random.default_rng(5)
+    maps, areas = _maps()
+    d = Decision.from_normals(np.exp(rng.normal(0.0, 0.3, 10)), maps, areas)
+    good = np.exp(rng.normal(0.0, 0.3, 200))
+    bad = np.exp(rng.normal(0.8, 0.3, 100))
+    preds = [SimpleNamespace(score=float(x), label=int(i >= 200),
+                             anomaly_map=np.full((4, 4), x, np.float32))
+             for i, x in enumerate(np.r_[good, bad])]
+    r = decision_rates(d, preds, [np.zeros((4, 4), bool)] * 300)
+    for rate in TARGET_RATES:
+        t = d.with_fpr(rate).threshold
+        assert r[target_key(rate, "fpr")] == pytest.approx((good > t).mean())
+        assert r[target_key(rate, "tpr")] == pytest.approx((bad > t).mean())
+    # a higher target flags more of both
+    fprs = [r[target_key(x, "fpr")] for x in TARGET_RATES]
+    tprs = [r[target_key(x, "tpr")] for x in TARGET_RATES]
+    assert fprs == sorted(fprs) and tprs == sorted(tprs) and tprs[-1] > tprs[0]
+    results = {"methods": {"cmad": {"decision": {"a": r}, "decision_mean": _mean_decision({"a": r})}}}
+    t = targets_table(results)
+    assert t.header[1] == "target 1%: FPR / TPR" and len(t.cells[0]) == 1 + len(TARGET_RATES)
+    assert t.cells[0][3] == (f"{100 * fprs[2]:.0f}% / {100 * tprs[2]:.0f}%")
 
 
 def test_report_panel_shows_threshold_verdict_and_mask_outline():

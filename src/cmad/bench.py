@@ -26,6 +26,7 @@ from cmad.configs import DEFAULT_SIZE
 from cmad.data.io import atomic_folder
 from cmad.data.splits import select_shots, split_source
 from cmad.errors import ConfigError, OutputError
+from cmad.evaluate import TARGET_RATES, target_key
 from cmad.features import FEATURE_STAGE, FeatureExtractor, FeatureMaps
 from cmad.metrics import METRIC_KEYS as METRICS
 from cmad.model.branches import branch_class
@@ -317,7 +318,8 @@ def run_method(name: str, cd: CategoryData, seed: int, size: int, ext: FeatureEx
     return row, det, preds
 
 
-DECISION_KEYS = ("fpr", "fnr", "pixel_fpr", "pixel_tpr", "tpr_at_fpr10")
+DECISION_KEYS = ("fpr", "fnr", "pixel_fpr", "pixel_tpr", "tpr_at_fpr10",
+                 *(target_key(r, k) for r in TARGET_RATES for k in ("fpr", "tpr")))
 
 
 def _mean_decision(rows: dict[str, dict]) -> dict:

@@ -61,13 +61,21 @@ def evaluate_predictions(
 
 # the false-positive rate at which `decision_rates` reads the detector's ceiling
 CEILING_FPR = 0.10
+# target rates at which `decision_rates` also applies the model's rule (`Decision.with_fpr`)
+TARGET_RATES = (0.01, 0.05, 0.10)
+
+
+def target_key(rate: float, what: str) -> str:
+    """The key of the test split's `what` ("fpr" or "tpr") at target rate `rate`."""
+    return f"target_{rate:g}_{what}"
 
 
 def decision_rates(decision: Decision, preds: Sequence[Prediction],
                    gts: Sequence[np.ndarray]) -> dict:
     """How the stored decision does on labelled parts (the test split; reported, never used
     to pick it): the false-positive rate (good parts judged anomalous), the false-negative
-    rate (defective parts judged normal), and pixel rates of the predicted masks."""
+    rate (defective parts judged normal), pixel rates of the predicted masks, and the image
+    rates the model's rule gives at each of TARGET_RATES (whether a target is kept)."""
     labels = np.array([int(p.label) for p in preds])
     flagged = np.array([decision.anomalous(p.score) for p in preds], dtype=bool)
     good, bad = labels == 0, labels == 1
@@ -80,6 +88,14 @@ def decision_rates(decision: Decision, preds: Sequence[Prediction],
         neg_px += int((~g).sum())
         pos_px += int(g.sum())
     scores = np.array([p.score for p in preds], dtype=np.float64)
+    at_targets: dict[str, float] = {}
+    if decision.has_distribution:
+        for rate in TARGET_RATES:
+            t = decision.with_fpr(rate).threshold
+            at_targets[target_key(rate, "fpr")] = (float((scores[good] > t).mean())
+                                                   if good.any() else float("nan"))
+            at_targets[target_key(rate, "tpr")] = (float((scores[bad] > t).mean())
+                                                   if bad.any() else float("nan"))
     return {
         "threshold": float(decision.threshold), "target_fpr": decision.target_fpr,
         "pixel_threshold": float(decision.pixel_threshold),
@@ -89,6 +105,7 @@ def decision_rates(decision: Decision, preds: Sequence[Prediction],
         "pixel_fpr": fp_px / neg_px if neg_px else float("nan"),
         "pixel_tpr": tp_px / pos_px if pos_px else float("nan"),
         "tpr_at_fpr10": best_tpr(scores[good], scores[bad], CEILING_FPR),
+        **at_targets,
     }
 
 

@@ -38,6 +38,7 @@ from cmad.report.tables import (
     per_defect_tables,
     runtime_table,
     summary_text,
+    targets_table,
 )
 
 __all__ = ["summary_text", "to_json", "write_report"]
@@ -71,10 +72,10 @@ def write_report(out_dir: Path, results: dict, panels: list[dict], *,
     per_defect = per_defect_tables(results)
     few_shot = few_shot_table(results)
     headline = headline_table(results)
-    decision = decision_table(results)
+    decisions = [t for t in (decision_table(results), targets_table(results)) if t is not None]
     files: list[tuple[str, str]] = [("results.json", "all numbers, for scripts"),
                                     ("tables.md", "every table in one markdown file")]
-    for t in [*metric_tables, efficiency, *([decision] if decision else [])]:
+    for t in [*metric_tables, efficiency, *decisions]:
         _write_table(out / "tables", t)
         files.append((f"tables/{t.slug}.csv", f"{t.title} as CSV"))
     if per_defect:
@@ -91,7 +92,7 @@ def write_report(out_dir: Path, results: dict, panels: list[dict], *,
         _write_text(out / "tables" / "few_shot.csv", few_shot.to_csv())
         files.append(("tables/few_shot.csv", "few-shot results as CSV"))
     _write_text(out / "tables.md", _all_tables_md(results, headline, metric_tables, efficiency,
-                                                  per_defect, few_shot, decision, runtimes))
+                                                  per_defect, few_shot, decisions, runtimes))
 
     charts: list[tuple[str, str]] = []
     widest = 0
@@ -122,7 +123,7 @@ def write_report(out_dir: Path, results: dict, panels: list[dict], *,
                                src=f"figures/{name}"))
 
     index = out / "index.html"
-    accuracy = [*metric_tables, *([decision] if decision else []), *([runtimes] if runtimes else [])]
+    accuracy = [*metric_tables, *decisions, *([runtimes] if runtimes else [])]
     files.insert(0, (DETAILS, "every table and all anomaly-map panels"))
     _write_text(out / DETAILS, render_details(results, metric_tables=accuracy,
                                               efficiency=efficiency, per_defect=per_defect,
@@ -137,7 +138,7 @@ def write_report(out_dir: Path, results: dict, panels: list[dict], *,
 
 def _all_tables_md(results: Mapping[str, Any], headline: Table, metric_tables: Sequence[Table],
                    efficiency: Table, per_defect: Sequence[Table], few_shot: Table | None,
-                   decision: Table | None = None, runtimes: Table | None = None) -> str:
+                   decisions: Sequence[Table] = (), runtimes: Table | None = None) -> str:
     parts = ["# cmad bench tables", ""]
     if results.get("created"):
         parts.append(f"Run {results['created']}" + (f": `{results['command']}`"
@@ -145,7 +146,8 @@ def _all_tables_md(results: Mapping[str, Any], headline: Table, metric_tables: S
         parts.append("")
     parts += ["## Summary", "", headline.to_markdown(level=3),
               "## Accuracy", "", *(t.to_markdown(level=3) for t in metric_tables),
-              *(["## Decision", "", decision.to_markdown(level=3)] if decision else []),
+              *(["## Decision", "", *(t.to_markdown(level=3) for t in decisions)]
+                if decisions else []),
               "## Efficiency", "", efficiency.to_markdown(level=3)]
     if runtimes is not None:
         parts += ["## Runtimes", "", runtimes.to_markdown(level=3)]

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
+from cmad.evaluate import TARGET_RATES, target_key
 from cmad.metrics import METRIC_KEYS as METRICS  # noqa: E402 - the one list of metric names
 
 HEADLINE_METRICS: tuple[str, ...] = ("I-AUROC", "P-AUROC", "AUPRO@30%")
@@ -420,6 +421,32 @@ def decision_table(results: Mapping[str, Any]) -> Table | None:
             "ceiling of every threshold chosen without test data, not a decision.")
     return Table(title="Decision at the stored threshold", header=header, cells=cells,
                  csv_header=csv_header, values=values, note=note, slug="decision")
+
+
+def targets_table(results: Mapping[str, Any]) -> Table | None:
+    """Per method, the false-positive and true-positive rates on the test split when the
+    model's rule picks the threshold for each target rate of `TARGET_RATES` (means over
+    the categories): whether a target a user sets is kept. None when no method has them."""
+    keys = [(r, target_key(r, "fpr"), target_key(r, "tpr")) for r in TARGET_RATES]
+    methods = {n: e.get("decision_mean") or {} for n, e in methods_of(results).items()}
+    methods = {n: m for n, m in methods.items()
+               if any(math.isfinite(as_float(m.get(k))) for _, k, _ in keys)}
+    if not methods:
+        return None
+    header = ["Method", *(f"target {fmt_rate(r)}: FPR / TPR" for r, _, _ in keys)]
+    csv_header = ["method", *(f"target_{r:g}_{w}" for r, _, _ in keys for w in ("fpr", "tpr"))]
+    cells, values = [], []
+    for name, m in methods.items():
+        v = [as_float(m.get(k)) for _, f, t in keys for k in (f, t)]
+        values.append([name, *v])
+        cells.append([str(name), *(f"{fmt_rate(v[2 * i])} / {fmt_rate(v[2 * i + 1])}"
+                                   for i in range(len(keys)))])
+    note = ("The threshold each model's rule gives for a target false-positive rate "
+            "(`cmad predict --fpr F`), chosen on validation normals only, applied to the test "
+            "split: FPR, the share of good parts flagged (to compare with the target); TPR, "
+            "the share of defective parts flagged. Means over the categories.")
+    return Table(title="Target false-positive rates kept", header=header, cells=cells,
+                 csv_header=csv_header, values=values, note=note, slug="targets")
 
 
 def headline_table(results: Mapping[str, Any], baseline: str = BASELINE) -> Table:
