@@ -129,3 +129,30 @@ def test_a_nll_mapping_model_without_its_map_normalisation_is_refused(tiny_model
     (model / "config.json").write_text(json.dumps(meta))
     with pytest.raises(ModelFormatError, match="mapping@map"):
         Detector.load(model)
+
+
+def test_a_bank_searches_only_the_patches_it_scores(tiny_root, monkeypatch):
+    """Padding patches are not searched, and every scored patch gets the full search's value."""
+    import dataclasses
+
+    from cmad.model.bank import MemoryBank
+
+    cat = Dataset(tiny_root).category(Dataset(tiny_root).categories[0])
+    det = Detector(DetectorConfig(size=64, branches=("rgb_bank", "joint_bank"),
+                                  bank_min_entries=16)).fit(cat, progress=False)
+    fm, _ = det.extractor.extract(det.prepare(cat.samples("test")[:3]))
+    image = fm.image.clone()
+    image[:, :, -3:] = False  # as the padding of a wide image
+    image[1] = False  # a sample with no image patch at all
+    fm = dataclasses.replace(fm, image=image)
+    searched = []
+    search = MemoryBank.score
+    monkeypatch.setattr(MemoryBank, "score",
+                        lambda self, q: searched.append(q.shape[0]) or search(self, q))
+    for name in ("rgb_bank", "joint_bank"):
+        branch = next(b for b in det.core.branches if b.name == name)
+        searched.clear()
+        s, where = branch.score(fm)
+        assert torch.equal(where, image) and searched == [int(image.sum())]
+        full = search(branch.bank, branch.rows(fm)).reshape(s.shape)
+        assert torch.equal(s[where], full[where]), name

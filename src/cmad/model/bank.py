@@ -345,9 +345,10 @@ def _search(queries: torch.Tensor, n_rows: int, rows, sq: torch.Tensor,  # noqa:
         b = min(a + bank_chunk, n_rows)
         block = rows(a, b)
         for s in range(0, q.shape[0], chunk):
-            # |q|^2 is the same for every bank row: added after the minimum
+            # |q|^2 is the same for every bank row: added after the minimum. `amin`, not
+            # `min(1).values`: the index `min` also finds made the search about 20% slower
             d = torch.addmm(sq[None, a:b], q[s : s + chunk], block.T, alpha=-2.0)
-            torch.minimum(best[s : s + chunk], d.min(1).values, out=best[s : s + chunk])
+            torch.minimum(best[s : s + chunk], d.amin(1), out=best[s : s + chunk])
     return best.add_((q * q).sum(1)).clamp_min_(0.0).sqrt_()
 
 
@@ -616,6 +617,6 @@ class BankSearch(nn.Module):
         best = None
         for a in range(0, k, self.block):
             b = min(a + self.block, k)
-            d = torch.addmm(self.sq[None, a:b], q, entries[a:b].T, alpha=-2.0).min(1).values
+            d = torch.addmm(self.sq[None, a:b], q, entries[a:b].T, alpha=-2.0).amin(1)
             best = d if best is None else torch.minimum(best, d)
         return (best + (q * q).sum(1)).clamp_min(0.0).sqrt()

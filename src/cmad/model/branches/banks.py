@@ -55,7 +55,15 @@ class BankBranch(Branch):
         if self.bank is None:
             raise RuntimeError(f"{self.name}: score called before fit")
         b, h, w = fm.valid.shape
-        return self.bank.score(self.rows(fm)).reshape(b, h, w), self.where(fm)
+        where = self.where(fm)
+        keep = where.reshape(-1)
+        rows = self.rows(fm)
+        # only the patches the branch scores are searched (the normalisation replaces the
+        # others): the padding of a non-square image was a quarter of a 4:3 image's search
+        out = torch.zeros(rows.shape[0])
+        if bool(keep.any()):
+            out[keep] = self.bank.score(rows[keep])
+        return out.reshape(b, h, w), where
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         if self.bank is None:
