@@ -156,3 +156,6 @@ def test_a_bank_searches_only_the_patches_it_scores(tiny_root, monkeypatch):
         assert torch.equal(where, image) and searched == [int(image.sum())]
         full = search(branch.bank, branch.rows(fm)).reshape(s.shape)
         assert torch.equal(s[where], full[where]), name
+        searched.clear()
+        s, where = branch.score(dataclasses.replace(fm, image=torch.zeros_like(image)))
+        assert searched == [] and not where.any() and s.shape == image.shape

@@ -78,6 +78,47 @@ def test_threshold_is_robust_to_a_defective_part_among_the_normals():
     dirty = Decision.from_normals(np.r_[normals, 25.0], maps, areas)
     assert abs(dirty.threshold / clean.threshold - 1) < 0.1  # the max would jump to 25
     assert clean.threshold > np.median(normals)
+    assert (clean.n_fit, dirty.n_fit) == (12, 12)
+
+
+@pytest.mark.parametrize("extra", [(25.0, 25.0), (25.0, 20.0), (3.0, 3.0), (25.0, 20.0, 15.0)])
+def test_defective_parts_among_the_normals_do_not_hide_each_other(extra):
+    """Two or three defective parts: tested one at a time with the others still in, each
+    would widen the spread enough to hide the first (thresholds of 35-39 here)."""
+    rng = np.random.default_rng(1)
+    normals = np.exp(rng.normal(0.0, 0.15, 12))
+    maps, areas = _maps(12 + len(extra))
+    clean = Decision.from_normals(normals, maps[:12], areas[:12])
+    dirty = Decision.from_normals(np.r_[normals, extra], maps, areas)
+    assert abs(dirty.threshold / clean.threshold - 1) < 0.1
+    assert dirty.n_fit == 12
+
+
+def test_a_low_score_among_the_normals_stays_and_raises_the_threshold():
+    normals = np.exp(np.random.default_rng(1).normal(0.0, 0.15, 12))
+    maps, areas = _maps(13)
+    clean = Decision.from_normals(normals, maps[:12], areas[:12])
+    low = Decision.from_normals(np.r_[normals, 0.2], maps, areas)
+    assert low.n_fit == 13 and low.threshold > clean.threshold
+
+
+def test_at_most_a_quarter_of_the_normals_is_set_aside():
+    normals = np.exp(np.random.default_rng(1).normal(0.0, 0.15, 12))
+    assert fit_scores_n(np.r_[normals, [30.0] * 4])[3] == 12  # 4 of 16 go
+    assert fit_scores_n(np.r_[normals, [30.0] * 5])[3] >= 17 - 17 // 4  # not 5 of 17
+    assert fit_scores_n([1.0, 1.1, 50.0])[3] == 3  # at least 3 stay
+
+
+def test_a_model_saved_without_n_fit_keeps_the_normal_quantile():
+    rng = np.random.default_rng(2)
+    maps, areas = _maps()
+    d = Decision.from_normals(np.exp(rng.normal(0, 0.2, 10)), maps, areas)
+    old = {k: v for k, v in d.to_dict().items() if k != "n_fit"}
+    loaded = Decision.from_dict(old)
+    assert loaded.n_fit == 0
+    z = score_quantile(loaded.shift, loaded.loc, loaded.scale, 0.05)
+    assert loaded.with_fpr(0.05).threshold == pytest.approx(z)
+    assert d.with_fpr(0.05).threshold > loaded.with_fpr(0.05).threshold  # t is wider
 
 
 def test_overrides_round_trip_and_pixel_threshold():

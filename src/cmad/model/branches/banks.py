@@ -60,7 +60,7 @@ class BankBranch(Branch):
         rows = self.rows(fm)
         # only the patches the branch scores are searched (the normalisation replaces the
         # others): the padding of a non-square image was a quarter of a 4:3 image's search
-        out = torch.zeros(rows.shape[0])
+        out = torch.zeros(rows.shape[0], dtype=torch.float32)
         if bool(keep.any()):
             out[keep] = self.bank.score(rows[keep])
         return out.reshape(b, h, w), where
@@ -148,7 +148,8 @@ class GeomBank(BankBranch):
 
 class _BankGraph(nn.Module):
     """`BankBranch.score` for ONNX export: the branch's own `rows` and `where`, the bank's
-    `BankSearch`."""
+    `BankSearch`. It searches every patch (a graph of fixed shape); outside `where` its
+    values differ from the torch branch's zeros, and the normalisation replaces both."""
 
     def __init__(self, branch: BankBranch) -> None:
         super().__init__()
