@@ -97,7 +97,7 @@ def fit_scores_n(scores: Sequence[float] | np.ndarray) -> tuple[float, float, fl
     keep, gone = _set_aside_outliers(ls)
     if gone.size:
         log.warning("%d of %d normal scores set aside as outliers when picking the threshold "
-                    "(%s; the rest %.4g to %.4g)", ls.size - keep.size, ls.size,
+                    "(%s; the rest %.4g to %.4g)", gone.size, ls.size,
                     ", ".join(f"{v:.4g}" for v in np.exp(gone) + shift),
                     float(np.exp(keep.min()) + shift), float(np.exp(keep.max()) + shift))
     loc = float(keep.mean())
@@ -107,10 +107,10 @@ def fit_scores_n(scores: Sequence[float] | np.ndarray) -> tuple[float, float, fl
 
 def _set_aside_outliers(ls: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(`ls` without its outliers, the outliers), by a generalized extreme Studentized
-    deviate test (Rosner's) on the upper tail: one at a time, up to a quarter of the values
-    (at least 3 stay), the highest is taken out and tested against the others' predictive
-    Student-t law (the probability of a value at least that far above their mean); the i
-    highest values go, i the last step whose probability is below REJECT_P. Testing all
+    deviate test (Rosner's) on the upper tail: one at a time, up to a quarter of the
+    values, the highest is taken out and tested against the others' predictive Student-t
+    law (the probability of a value at least that far above their mean); the i highest
+    values go, i the last step whose probability is below REJECT_P. Testing all
     the steps before deciding keeps two defective parts from hiding each other: with both
     among the others, the spread is wide and the first looks plausible. Only high scores
     are tested, since a defective part scores high; a low one stays and widens the spread,
@@ -121,23 +121,19 @@ def _set_aside_outliers(ls: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     values is itself uncertain, and the spread left then put 1.9% of new normal parts
     above a 1%-target threshold; this rule sets a value aside in 1.4% of such draws and
     1.22% of new normal parts exceed its threshold, `tests/test_decision.py`.)"""
-    cur = np.sort(np.asarray(ls, dtype=np.float64))
-    steps = [cur]
-    taken: list[float] = []
+    srt = np.sort(np.asarray(ls, dtype=np.float64))
+    n = srt.size
     last = 0
-    for step in range(1, ls.size // 4 + 1):
-        m = cur.size
-        if m <= 3:
-            break
-        others = cur[:-1]
+    # step j tests srt[n - j] against srt[: n - j]; a quarter at most, so at least 3 of
+    # the values (n >= 4) are always left to test against
+    for j in range(1, n // 4 + 1):
+        others = srt[: n - j]
+        k = others.size
         sd = max(float(others.std(ddof=1)), _SCALE_FLOOR)
-        z = (float(cur[-1]) - float(others.mean())) / (sd * math.sqrt(1.0 + 1.0 / (m - 1)))
-        if float(student_t.sf(z, m - 2)) < REJECT_P:
-            last = step
-        taken.append(float(cur[-1]))
-        cur = others
-        steps.append(cur)
-    return steps[last], np.asarray(taken[:last])
+        z = (float(srt[n - j]) - float(others.mean())) / (sd * math.sqrt(1.0 + 1.0 / k))
+        if float(student_t.sf(z, k - 1)) < REJECT_P:
+            last = j
+    return srt[: n - last], srt[n - last :]
 
 
 def fit_scores(scores: Sequence[float] | np.ndarray) -> tuple[float, float, float]:
