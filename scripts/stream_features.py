@@ -1,12 +1,10 @@
-"""How the training-feature stream shares the CPUs: three ways, alternating, on one category.
+"""How the training-feature stream shares the CPUs: two ways, alternating, on one category.
 
     python scripts/stream_features.py --data DATA --category C [--samples 64] [--runs 5]
 
 - `serial`: read, preprocess and extract each batch one after another on all torch threads;
-- `stream`: `Detector.sample_features` as `cmad fit` runs it (the next batch read and
-  preprocessed in a worker thread; torch on one thread fewer meanwhile);
-- `stream-all-threads`: the same stream with every torch thread beside the worker, as
-  the code before round 6 ran it (here the last batch, with no worker, gets one more).
+- `stream`: `Detector.sample_features` as `cmad fit` runs it (batches read, preprocessed
+  and extracted side by side on worker threads, `cmad.stages`).
 Prints one JSON object: ms per sample of each run, per way, and the load average.
 """
 from __future__ import annotations
@@ -27,8 +25,6 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
 
-    import torch
-
     from cmad.data import open_dataset
     from cmad.pipeline import Detector
     from cmad.runtime import set_threads
@@ -48,15 +44,7 @@ def main() -> None:
     def stream() -> None:
         det.sample_features(work, load=cat.load)
 
-    def stream_all_threads() -> None:
-        # stream_batches lowers torch's threads by one; start one higher to undo that
-        torch.set_num_threads(args.threads + 1)
-        try:
-            det.sample_features(work, load=cat.load)
-        finally:
-            torch.set_num_threads(args.threads)
-
-    ways = {"serial": serial, "stream": stream, "stream-all-threads": stream_all_threads}
+    ways = {"serial": serial, "stream": stream}
     ms: dict[str, list[float]] = {k: [] for k in ways}
     load0 = os.getloadavg()
     for run in range(args.runs):

@@ -148,10 +148,21 @@ def test_bench_on_rgb_only_category_skips_3d_methods(tmp_path):
                          n_validation=2)
     out = tmp_path / "report"
     r = _run("bench", "--data", tmp_path / "data", "--out", out, "--size", 64,
-             "--methods", "cmad,rgb-bank,xyz-bank", "--cache", tmp_path / "cache", "--quiet")
+             "--methods", "cmad,rgb-bank,xyz-bank", "--cache", tmp_path / "cache", "--quiet",
+             "--stream")
     assert r.exit_code == 0, r.output
     res = json.loads((out / "results.json").read_text())
     assert res["methods"]["rgb-bank"]["categories"]["tire_like"]["I-AUROC"] is not None
+    # --stream: each method that ran, end to end over every test file
+    n_test = len(list((tmp_path / "data" / "tire_like" / "test").rglob("rgb/*.png")))
+    for m in ("cmad", "rgb-bank"):
+        st = res["methods"][m]["stream"]
+        assert st["n"] == n_test > 0 and st["samples_per_s"] > 0
+        assert abs(st["samples_per_s"] * st["ms_per_sample"] - 1000.0) < 1e-6
+    assert "stream" not in res["methods"]["xyz-bank"]
+    table = (out / "tables" / "throughput.csv").read_text().splitlines()
+    assert table[0].startswith("method,samples_per_s") and len(table) == 3
+    assert "samples/s end to end, streamed" in r.output
     # cmad runs the branch the data allows (its RGB bank); the 3D bank cannot run at all
     assert res["methods"]["cmad"]["weights"]["tire_like"] == {"rgb_bank": 1.0}
     assert res["methods"]["xyz-bank"]["categories"]["tire_like"]["I-AUROC"] is None  # NaN -> null

@@ -10,7 +10,7 @@ import cmad
 ROOT = Path(cmad.__file__).parent
 # a layer may import itself and any layer with a lower number
 LAYERS = {
-    "base": 0,       # errors, types, configs, cache, runtime, progress, executor
+    "base": 0,       # errors, types, configs, cache, runtime, progress, executor, stages
     "data": 1,
     "synth": 2,
     "features": 2,
@@ -26,7 +26,8 @@ LAYERS = {
     "serve": 6,
     "cli": 8,
 }
-BASE = {"errors", "types", "configs", "cache", "runtime", "progress", "executor", "__init__"}
+BASE = {"errors", "types", "configs", "cache", "runtime", "progress", "executor", "stages",
+        "__init__"}
 
 
 def _layer(module: str) -> str:

@@ -1,6 +1,6 @@
-"""Streaming predict: files read and preprocessed a batch ahead in a worker thread give the
-same predictions as `predict`, in order, and a bad file stops the stream with its error
-(no output folder left behind)."""
+"""Streaming predict: batches read, preprocessed and scored side by side on worker threads
+give the same predictions as `predict`, in order, and a bad file stops the stream with its
+error (no output folder left behind)."""
 import numpy as np
 import pytest
 
@@ -64,45 +64,107 @@ def test_a_bad_file_in_a_later_batch_stops_the_stream(tiny_model, folder, tmp_pa
         assert xyz.read_bytes() == (folder / "xyz" / f"{stem}.tiff").read_bytes()
 
 
-def test_the_stream_leaves_the_worker_a_core_and_restores_the_threads():
+def test_stages_side_by_side_share_the_threads_and_the_caller_keeps_its_own():
+    import threading
+
+    import torch
+
+    from cmad.pipeline import stream_batches
+    from cmad.runtime import cpu_threads, set_threads, thread_limit
+
+    before = thread_limit()
+    set_threads(2)
+    try:
+        seen = {}
+        stepping = threading.Event()
+
+        def prepare(batch):
+            if batch[0] == 2:  # batch 1 is read while batch 0 is stepped
+                assert stepping.wait(10)
+            return list(batch)
+
+        def step(prep):
+            seen[prep[0]] = (torch.get_num_threads(), cpu_threads())
+            if prep[0] == 0:
+                stepping.set()
+            return list(prep), {}
+
+        gen = stream_batches(list(range(5)), 2, prepare, step, "t", False)
+        assert next(gen)[1] == [0, 1]
+        # the caller's code between batches runs on every thread
+        assert torch.get_num_threads() == 2 and cpu_threads() == 2
+        assert [r for _, r, _ in gen] == [[2, 3], [4]]
+        # batch 0 was stepped beside batch 1's reading: one torch and one FPFH thread
+        assert seen[0] == (1, 1)
+        # one batch: its step runs alone and takes both
+        seen.clear()
+        assert [r for _, r, _ in stream_batches([0, 1], 2, list, step, "t", False)] == [[0, 1]]
+        assert seen == {0: (2, 2)}
+        assert torch.get_num_threads() == 2
+        assert not [t for t in threading.enumerate() if t.name.startswith("cmad-stage")]
+    finally:
+        set_threads(before)
+
+
+def test_an_error_comes_up_with_its_batch_after_the_ones_before_it():
+    import threading
+
     import torch
 
     from cmad.pipeline import stream_batches
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        seen = []
+    threads = torch.get_num_threads()
 
-        def step(prep):
-            seen.append(torch.get_num_threads())
-            return list(prep), {}
+    def prepare(batch):
+        if batch[0] == 4:
+            raise DataError("b.png", "broken")
+        return list(batch)
 
-        out = list(stream_batches(list(range(5)), 2, list, step, "t", False))
-        assert [r for _, r, _ in out] == [[0, 1], [2, 3], [4]]
-        # the last step has no worker beside it
-        assert seen == [1, 1, 2] and torch.get_num_threads() == 2
-        # one batch: no worker runs beside the model, so torch keeps its threads
-        seen.clear()
-        list(stream_batches([0, 1], 2, list, step, "t", False))
-        assert seen == [2] and torch.get_num_threads() == 2
-        # the caller's code between batches runs on every thread
-        gen = stream_batches(list(range(5)), 2, list, step, "t", False)
-        next(gen)
-        assert torch.get_num_threads() == 2
-        gen.close()
-        # a failing step still restores them
-        with pytest.raises(RuntimeError):
-            list(stream_batches(list(range(5)), 2, list,
-                                lambda p: (_ for _ in ()).throw(RuntimeError("x")), "t", False))
-        assert torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(before)
+    def step(prep):
+        if prep[0] == 6:
+            raise RuntimeError("step failed")
+        return list(prep), {}
+
+    got = []
+    with pytest.raises(DataError, match="broken"):
+        for _, r, _ in stream_batches(list(range(10)), 2, prepare, step, "t", False):
+            got.append(r)
+    assert got == [[0, 1], [2, 3]]
+    got.clear()
+    with pytest.raises(RuntimeError, match="step failed"):
+        for _, r, _ in stream_batches([0, 1, 2, 3, 6, 7, 8], 2, list, step, "t", False):
+            got.append(r)
+    assert got == [[0, 1], [2, 3]]
+    # a stream closed part-way stops its workers; no stage thread is left behind
+    gen = stream_batches(list(range(20)), 2, list, step, "t", False)
+    next(gen)
+    gen.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("cmad-stage")]
+    assert torch.get_num_threads() == threads
+
+
+def test_staged_keeps_batch_order_whatever_order_the_tasks_finish_in():
+    import random
+    import time
+
+    from cmad.stages import staged
+
+    rng = random.Random(0)
+    delays = [rng.uniform(0, 0.01) for _ in range(12)]
+
+    def slow(k):
+        time.sleep(delays[k])
+        return k
+
+    for threads in (1, 2, 4):
+        assert list(staged(list(range(12)), [slow, lambda k: k * 10, lambda k: k + 1],
+                           threads)) == [10 * k + 1 for k in range(12)]
+    assert list(staged([], [slow], 2)) == []
 
 
 def test_a_batch_alone_equals_the_same_batch_in_a_stream(tiny_model):
-    """A batch predicted alone (all torch threads) and inside a stream (one fewer beside
-    the worker) give the same scores and maps."""
+    """A batch predicted alone (all torch threads) and inside a stream (one thread, beside
+    the next batch's work) give the same scores and maps."""
     from cmad.data.mvtec3d import Category
     from cmad.pipeline import Detector
     from cmad.runtime import set_threads, thread_limit

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -200,6 +201,9 @@ class CategoryData:
     gts: list[np.ndarray]
     shared_ms: dict[str, float]
     shared_fit_s: float
+    # the test samples' references in the dataset and how to read one (`time_stream`)
+    test_refs: list | None = None
+    load: Callable[[Any], Any] | None = None
 
 
 def timed_features(ext: FeatureExtractor, prepared: Sequence[Prepared], desc: str,
@@ -259,7 +263,7 @@ def load_category(data: Path, name: str, size: int, seed: int, cache_dir: Path |
     shared_ms.update({k: float(np.median(v)) for k, v in times.items()})
     gts = [s.gt for s in test_s]
     return CategoryData(name, modalities, train, train_fm, calib, calib_fm, test, test_fm, gts,
-                        shared_ms, shared_fit_s), ext
+                        shared_ms, shared_fit_s, cat.refs("test"), cat.load), ext
 
 
 def run_method(name: str, cd: CategoryData, seed: int, size: int, ext: FeatureExtractor,
@@ -364,6 +368,27 @@ def time_runtimes(det: Detector, cd: CategoryData, folder: Path) -> dict:
             "max_score_diff": float(max(d_score)), "max_map_diff": float(max(d_map))}
 
 
+def time_stream(det: Detector, cd: CategoryData, folder: Path) -> dict:
+    """End to end as `cmad predict --input` runs: the method saved and loaded back, then
+    every test sample read from its files, preprocessed, featured and scored, its map
+    brought to the original size, the batches overlapping on the worker threads
+    (`Detector.iter_predict`; nothing written). Samples per second over the test split,
+    after one warm-up batch, and the load average before and after."""
+    det.save(folder / "model")
+    live = Detector.load(folder / "model")
+    refs = cd.test_refs or []
+    if not refs or cd.load is None:
+        raise ConfigError(f"{cd.name}: no test files to stream")
+    list(live.iter_predict(refs[: live.config.batch_size], load=cd.load))
+    before = load_average()
+    t = time.perf_counter()
+    n = sum(1 for _ in live.iter_predict(refs, load=cd.load))
+    wall = time.perf_counter() - t
+    return {"samples_per_s": n / wall, "ms_per_sample": 1000.0 * wall / n, "n": n,
+            "load_average": [None if before is None else before[0],
+                             None if load_average() is None else load_average()[0]]}
+
+
 def _mean(rows: list[dict]) -> dict:
     """Mean over categories, ignoring categories a method could not run on (NaN)."""
     out = {}
@@ -405,7 +430,7 @@ def bench_category(data: Path, category: str, size: int, seed: int, cache_dir: P
                    methods: Sequence[str], shots: Sequence[int], base: DetectorConfig | None,
                    panels_per_type: int, threads: int, run_methods: bool = True,
                    progress: bool = False, tick: Callable[..., None] | None = None,
-                   onnx: bool = False) -> dict:
+                   onnx: bool = False, stream: bool = False) -> dict:
     """One category's part of the bench: every method (unless `run_methods` is False) and
     every few-shot count in `shots`, on features extracted once (for all of `methods`).
     Plain data out, so that it can run as a Ray task: {"rows": {method: row or None},
@@ -427,6 +452,9 @@ def bench_category(data: Path, category: str, size: int, seed: int, cache_dir: P
                 except ConfigError as exc:
                     log.warning("%s: %s not timed in ONNX Runtime: %s", c, m, exc)
                     row["runtime"] = {"error": str(exc)}
+            if stream:
+                with tempfile.TemporaryDirectory() as tmp:
+                    row["stream"] = time_stream(det, cd, Path(tmp))
             out["rows"][m] = row
             if m == "cmad":  # per-branch maps for the figures, outside the timed loop
                 idx = _panel_indices(cd.test, panels_per_type)
@@ -468,6 +496,7 @@ def run_bench(
     executor: str = "local",
     address: str | None = None,
     onnx: bool = False,
+    stream: bool = False,
 ) -> BenchResult:
     """Fit and evaluate every method on every category; write the report folder.
 
@@ -475,7 +504,9 @@ def run_bench(
     Ray task (`address`: an existing cluster, see `cmad.executor`); the metrics are the
     local run's, the timings are those of the workers (which share their machines).
     `onnx`: also export each fitted method to ONNX and time it beside torch on the same
-    test samples (`time_runtimes`; the "Runtimes" table)."""
+    test samples (`time_runtimes`; the "Runtimes" table). `stream`: also time each fitted
+    method end to end on the test files as `cmad predict` streams them (`time_stream`; the
+    "Throughput" table)."""
     from cmad.data import open_dataset
     from cmad.executor import check_executor
     from cmad.report import summary_text, write_report
@@ -503,7 +534,7 @@ def run_bench(
                        desc="bench", unit="fit", enabled=progress, leave=True)
     common = {"data": data, "size": size, "seed": seed, "cache_dir": cache_dir, "methods": methods,
               "base": base, "panels_per_type": panels_per_type, "threads": threads,
-              "onnx": onnx}
+              "onnx": onnx, "stream": stream}
     if executor == "local":
         outs = [bench_category(category=c, shots=shots or [], progress=progress,
                                tick=lambda c=c, m="": (bar.set_postfix(category=c, method=m),
@@ -569,6 +600,14 @@ def run_bench(
             res["runtime"]["categories"] = {r["category"]: r["runtime"] for r in rows}
         elif any("runtime" in r for r in rows):
             res["runtime"] = {"error": next(r["runtime"]["error"] for r in rows if "runtime" in r)}
+        streamed = [r["stream"] for r in rows if "stream" in r]
+        if streamed:
+            res["stream"] = {"samples_per_s": float(np.mean([t["samples_per_s"] for t in streamed])),
+                             "ms_per_sample": float(np.mean([t["ms_per_sample"] for t in streamed])),
+                             "n": int(sum(t["n"] for t in streamed)),
+                             "load_average": [x for t in streamed for x in t["load_average"]],
+                             "categories": {r["category"]: r["stream"] for r in rows
+                                            if "stream" in r}}
         loads = [x for r in rows for x in r["load_average"] if x is not None]
         res["load_average"] = [min(loads), max(loads)] if loads else None
     for k, by_method in shot_rows.items():
@@ -586,6 +625,11 @@ def run_bench(
             summary += (f"{m}: torch {rt['torch_ms']:.1f} ms/sample, ONNX Runtime "
                         f"{rt['onnx_ms']:.1f} ms/sample (max score difference "
                         f"{rt['max_score_diff']:.1e}; file {rt['onnx_bytes'] / 1e6:.2f} MB)\n")
+    for m in methods:
+        st = results["methods"][m].get("stream")
+        if st:
+            summary += (f"{m}: {st['samples_per_s']:.1f} samples/s end to end, streamed "
+                        f"({st['ms_per_sample']:.1f} ms/sample over {st['n']} test samples)\n")
     log.info("report written to %s (%d panels)", out / "index.html", len(panels))
     return BenchResult(results, out, summary)
 

@@ -427,7 +427,7 @@ def predict(
                                                  address=address, workers=workers)
             pairs = zip(samples, preds)
         else:
-            # read and preprocessed a batch ahead in a worker thread, written as they come
+            # read, preprocessed and scored on worker threads, written as they come
             pairs = det.iter_predict(files, load=lambda f: read_sample(*f), progress=not quiet)
         path, rows = write_outputs(out, pairs, decision)
     except (CmadError, OSError) as exc:
@@ -586,6 +586,10 @@ def bench(
         help="Ray cluster to join (auto or HOST:PORT)"),
     onnx: bool = typer.Option(False, "--onnx", help="also export each method to ONNX and time "
                               "it beside torch on the same samples (the Runtimes table)"),
+    stream: bool = typer.Option(False, "--stream", help="also time each method end to end on "
+                                "the test files as predict streams them: read, preprocess, "
+                                "features, scores, maps at original size, batches "
+                                "overlapping (the Throughput table)"),
     scale: str | None = typer.Option(
         None, "--scale", show_default="none",
         help="a cost curve instead of the comparison: training-set sizes, e.g. "
@@ -636,7 +640,7 @@ def bench(
             methods=[m.strip() for m in methods.split(",")] if methods else None,
             shots=shot_list,
             size=size, cache_dir=cache, seed=seed, threads=threads, progress=not quiet,
-            executor=executor, address=address, onnx=onnx,
+            executor=executor, address=address, onnx=onnx, stream=stream,
         )
     except (CmadError, OSError) as exc:
         _fail(exc)

@@ -433,8 +433,8 @@ class OnnxDetector:
 
     def iter_predict(self, items: Sequence[Any], load: Callable[[Any], Sample] | None = None,
                      progress: bool = False) -> Iterator[tuple[Sample, Prediction]]:
-        """As `Detector.iter_predict`: (sample, prediction) pairs, each batch read and
-        preprocessed in a worker thread while the one before runs."""
+        """As `Detector.iter_predict`: (sample, prediction) pairs, batches read,
+        preprocessed and run side by side on worker threads (`stream_batches`)."""
         for samples, preds, _ in stream_batches(items, self.config.batch_size,
                                                 self._checked_prepare, self._step,
                                                 "predict (onnx)", progress, load):

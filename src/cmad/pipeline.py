@@ -19,7 +19,6 @@ import logging
 import re
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -40,6 +39,7 @@ from cmad.model.core import DetectorCore, FitReport, feature_needs
 from cmad.model.decision import Decision
 from cmad.progress import progress as progress_bar
 from cmad.runtime import pause_point
+from cmad.stages import staged
 from cmad.types import Prediction, Prepared, Sample
 
 log = logging.getLogger(__name__)
@@ -93,15 +93,17 @@ def stream_batches(
     ms per sample by stage), with one progress bar counting samples. Yields each batch's
     samples, result and ms per sample by stage ("read" and "preprocess" included).
 
-    Reading and preprocessing run in one worker thread, a batch ahead of `step`: file
-    decoding and numpy release the GIL, so they overlap the model's work. During each step
-    with the worker busy beside it, torch runs on one thread fewer (restored right after
-    the step, before anything is yielded), leaving the worker a core of its own: on
-    2 cores, features of 64 training samples took 66-77 ms per sample that way, 83-89 ms
-    with both torch threads beside the worker and 73-77 ms with no worker (RESULTS.md,
-    round 6). Each batch's results do not depend on that (the same functions on the same
-    inputs, and no result depends on the thread count), and an error of the worker (a bad
-    file) is raised when its batch comes up.
+    Two stages, reading with preprocessing and then `step`, run on a few worker threads
+    (`cmad.stages.staged`: one per torch thread of the caller, each task with its share of
+    the threads while another runs beside it; a task alone takes them all). They take the
+    oldest batch's waiting stage first, so batch k+1 is read, or stepped, while batch k is
+    stepped: on 2 cores the cores stay busy (a real-size model's predictions went from
+    about 11 to about 14.5 samples per second against reading ahead in one thread and
+    stepping on one torch thread fewer, RESULTS.md round 12). The caller's thread keeps its
+    threads, so its code between batches runs on all of them. No result depends on any of
+    this (the same functions of the same inputs; no result depends on the thread count).
+    An error of either stage (a bad file) is raised when its batch comes up, after the
+    batches before it have been yielded.
     """
     import torch
 
@@ -118,28 +120,18 @@ def stream_batches(
             ms["read"] = (t_read - t) * 1000.0 / n
         return samples, prep, ms
 
-    with progress_bar(total=len(items), desc=desc, unit="sample", enabled=progress) as bar, \
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="cmad-read") as pool:
-        ahead = pool.submit(read_and_prepare, chunks[0]) if chunks else None
-        for k in range(len(chunks)):
-            samples, prep, ms = ahead.result()  # type: ignore[union-attr]
-            ahead = pool.submit(read_and_prepare, chunks[k + 1]) if k + 1 < len(chunks) else None
-            threads = torch.get_num_threads()
-            lower = ahead is not None and threads > 1
-            if lower:
-                torch.set_num_threads(threads - 1)
-            try:
-                preds, t_step = step(prep)
-            except BaseException:
-                if ahead is not None:
-                    ahead.cancel()
-                raise
-            finally:
-                if lower:
-                    torch.set_num_threads(threads)
-            _add(ms, t_step)
-            bar.update(len(prep))
-            yield samples, preds, ms
+    def then_step(held: tuple[list[Sample], list[Prepared], dict[str, float]]
+                  ) -> tuple[list[Sample], R, dict[str, float]]:
+        samples, prep, ms = held
+        result, t_step = step(prep)
+        _add(ms, t_step)
+        return samples, result, ms
+
+    with progress_bar(total=len(items), desc=desc, unit="sample", enabled=progress) as bar:
+        for samples, result, ms in staged(chunks, [read_and_prepare, then_step],
+                                          torch.get_num_threads()):
+            bar.update(len(samples))
+            yield samples, result, ms
 
 
 def predict_in_batches(
@@ -332,9 +324,9 @@ class Detector:
     def sample_features(self, samples: Sequence[Any], progress: bool = False,
                         desc: str = "features", load: Callable[[Any], Sample] | None = None
                         ) -> FeatureMaps:
-        """Features of samples (cached on disk when a cache dir is set), each batch read
-        (`load`: item -> Sample, when the items are not samples yet) and preprocessed in a
-        worker thread while the batch before is extracted."""
+        """Features of samples (cached on disk when a cache dir is set), batches read
+        (`load`: item -> Sample, when the items are not samples yet), preprocessed and
+        extracted side by side on worker threads (`stream_batches`)."""
         digest = self.config.preprocess.digest()
         parts = [fm for _, fm, _ in stream_batches(
             samples, self.config.batch_size, self.prepare,
@@ -351,8 +343,8 @@ class Detector:
         chosen with the seed (few-shot).
         """
         t0 = time.perf_counter()
-        # a Category's files are read as the features go (a batch ahead, in a worker
-        # thread), so the full-size samples never all sit in memory at once
+        # a Category's files are read as the features go (a few batches ahead, on worker
+        # threads), so the full-size samples never all sit in memory at once
         train, val, load = split_items(source, self.config.seed)
         train = select_shots(train, shots, self.config.seed)
         if not train:
@@ -448,9 +440,9 @@ class Detector:
     def iter_predict(self, items: Sequence[Any], load: Callable[[Any], Sample] | None = None,
                      progress: bool = False, branch_maps: bool = False
                      ) -> Iterator[tuple[Sample, Prediction]]:
-        """(sample, prediction) pairs in order, reading each batch (`load`: item -> Sample,
-        e.g. a file pair) and preprocessing it in a worker thread while the batch before is
-        scored; only a couple of batches are in memory at a time. A sample the model cannot
+        """(sample, prediction) pairs in order, batches read (`load`: item -> Sample, e.g.
+        a file pair), preprocessed and scored side by side on worker threads
+        (`stream_batches`); only a few batches are in memory at a time. A sample the model cannot
         take raises `DataError` when its batch comes up."""
         if not self.core.branches:
             raise RuntimeError("the detector has not been fitted or loaded")

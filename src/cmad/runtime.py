@@ -2,10 +2,18 @@
 
 `set_threads(n)` reaches torch (the CNN, the banks, the alignment) and the FPFH kernels
 (whose own `threads` setting, when None, follows this limit). Results do not depend on it.
+`stage_threads(n)` gives one pipeline stage's thread its share of them.
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import threading
+from collections.abc import Iterator
+
 _LIMIT: int | None = None
+# Per thread: the threads a pipeline stage running in it may use (`stage_threads`).
+_SHARE = threading.local()
 
 
 def set_threads(threads: int | None) -> None:
@@ -24,6 +32,41 @@ def set_threads(threads: int | None) -> None:
 def thread_limit() -> int | None:
     """The limit set by `set_threads`, or None."""
     return _LIMIT
+
+
+def cpu_threads() -> int:
+    """The threads the calling thread may use now: its share while pipeline stages run side
+    by side (`stage_threads`), else the limit set by `set_threads`, else the CPUs this process may
+    use."""
+    share = getattr(_SHARE, "n", None)
+    if share is not None:
+        return share
+    if _LIMIT is not None:
+        return _LIMIT
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def stage_threads(n: int) -> Iterator[None]:
+    """Run the block on `n` threads in the calling thread only: torch's thread count (torch
+    keeps one per OS thread) and the FPFH kernels' (`cpu_threads`), both restored on exit.
+    For pipeline stages that run side by side in threads of their own (`cmad.stages`).
+    Results do not depend on thread counts."""
+    import torch
+
+    before_torch, before_share = torch.get_num_threads(), getattr(_SHARE, "n", None)
+    if before_torch != n:
+        torch.set_num_threads(n)
+    _SHARE.n = n
+    try:
+        yield
+    finally:
+        _SHARE.n = before_share
+        if before_torch != n:
+            torch.set_num_threads(before_torch)
 
 
 def pause_point(name: str) -> None:

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -598,6 +597,7 @@ def _pool_kernel(feat, ok, step, size, gh, gw):
 # --------------------------------------------------------------------------- scheduling
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
 
 # Most row chunks of a grid. The chunks depend on the grid and the window only, never on the
 # thread count, so the floating-point sums (normal covariances, FPFH weighted sums) add the
@@ -608,20 +608,17 @@ MAX_CHUNKS = 8
 def _threads(cfg: FPFHConfig) -> int:
     if cfg.threads is not None:
         return int(cfg.threads)
-    from cmad.runtime import thread_limit
+    from cmad.runtime import cpu_threads
 
-    if thread_limit() is not None:
-        return int(thread_limit())
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+    return cpu_threads()
 
 
 def _pool(workers: int) -> ThreadPoolExecutor:
-    if workers not in _POOLS:
-        _POOLS[workers] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cmad-fpfh")
-    return _POOLS[workers]
+    with _POOLS_LOCK:  # pipeline stages may extract two batches at once
+        if workers not in _POOLS:
+            _POOLS[workers] = ThreadPoolExecutor(max_workers=workers,
+                                                 thread_name_prefix="cmad-fpfh")
+        return _POOLS[workers]
 
 
 class _Rows:

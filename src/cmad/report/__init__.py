@@ -37,6 +37,7 @@ from cmad.report.tables import (
     per_defect_long_csv,
     per_defect_tables,
     runtime_table,
+    stream_table,
     summary_text,
     targets_table,
 )
@@ -87,12 +88,17 @@ def write_report(out_dir: Path, results: dict, panels: list[dict], *,
     if runtimes is not None:
         _write_table(out / "tables", runtimes)
         files.append((f"tables/{runtimes.slug}.csv", "torch against ONNX Runtime as CSV"))
+    throughput = stream_table(results)
+    if throughput is not None:
+        _write_table(out / "tables", throughput)
+        files.append((f"tables/{throughput.slug}.csv", "samples per second, streamed, as CSV"))
     if few_shot is not None:
         _write_text(out / "tables" / "few_shot.md", few_shot.to_markdown(level=2))
         _write_text(out / "tables" / "few_shot.csv", few_shot.to_csv())
         files.append(("tables/few_shot.csv", "few-shot results as CSV"))
     _write_text(out / "tables.md", _all_tables_md(results, headline, metric_tables, efficiency,
-                                                  per_defect, few_shot, decisions, runtimes))
+                                                  per_defect, few_shot, decisions, runtimes,
+                                                  throughput))
 
     charts: list[tuple[str, str]] = []
     widest = 0
@@ -123,7 +129,8 @@ def write_report(out_dir: Path, results: dict, panels: list[dict], *,
                                src=f"figures/{name}"))
 
     index = out / "index.html"
-    accuracy = [*metric_tables, *decisions, *([runtimes] if runtimes else [])]
+    accuracy = [*metric_tables, *decisions, *([runtimes] if runtimes else []),
+                *([throughput] if throughput else [])]
     files.insert(0, (DETAILS, "every table and all anomaly-map panels"))
     _write_text(out / DETAILS, render_details(results, metric_tables=accuracy,
                                               efficiency=efficiency, per_defect=per_defect,
@@ -138,7 +145,8 @@ def write_report(out_dir: Path, results: dict, panels: list[dict], *,
 
 def _all_tables_md(results: Mapping[str, Any], headline: Table, metric_tables: Sequence[Table],
                    efficiency: Table, per_defect: Sequence[Table], few_shot: Table | None,
-                   decisions: Sequence[Table] = (), runtimes: Table | None = None) -> str:
+                   decisions: Sequence[Table] = (), runtimes: Table | None = None,
+                   throughput: Table | None = None) -> str:
     parts = ["# cmad bench tables", ""]
     if results.get("created"):
         parts.append(f"Run {results['created']}" + (f": `{results['command']}`"
@@ -151,6 +159,8 @@ def _all_tables_md(results: Mapping[str, Any], headline: Table, metric_tables: S
               "## Efficiency", "", efficiency.to_markdown(level=3)]
     if runtimes is not None:
         parts += ["## Runtimes", "", runtimes.to_markdown(level=3)]
+    if throughput is not None:
+        parts += ["## Throughput", "", throughput.to_markdown(level=3)]
     if per_defect:
         parts += ["## Per defect type", "", *(t.to_markdown(level=3) for t in per_defect)]
     if few_shot is not None:

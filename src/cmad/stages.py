@@ -1,0 +1,108 @@
+"""Batches through a chain of stages on a few worker threads: `staged(batches, stages)`.
+
+Stage 0 takes a batch, each later stage the result of the one before; the last stage's
+results come out in batch order. A small pool of worker threads (one per CPU thread the
+caller's torch may use, at most one per stage) takes the waiting task of the oldest batch
+first, so the stages of different batches overlap: batch k+1 is read while batch k is in
+the CNN and batch k-1 is scored. Numba, numpy, file decoding and torch release the GIL, so
+the work spreads over the cores. No result depends on this: every task is the same
+function of the same input, and no result depends on thread counts.
+
+While other tasks run or wait beside it, a task gets its share of the threads (torch's, set
+per worker thread, and the FPFH kernels', `cmad.runtime.cpu_threads`); a task alone takes
+them all. At most one batch per stage is in flight, so memory stays a few batches. An error
+of any task is raised when its batch comes up, after the batches before it have come out.
+"""
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+from cmad.runtime import stage_threads
+
+
+class _Failed:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+def staged(batches: Sequence[Any], stages: Sequence[Callable[[Any], Any]],
+           threads: int) -> Iterator[Any]:
+    """The last stage's result for each batch, in order (see the module docstring).
+    `threads`: the CPU threads all stages together may use (the pool has
+    min(threads, len(stages)) workers; 1 runs everything one task after another)."""
+    n, last = len(batches), len(stages) - 1
+    if n == 0:
+        return
+    if not stages:
+        raise ValueError("no stages")
+    threads = max(1, int(threads))
+    workers = max(1, min(threads, len(stages)))
+    share = max(1, threads // workers)
+    cv = threading.Condition()
+    stage = [-1] * n          # the last finished stage of each batch
+    value: dict[int, Any] = {}
+    running: set[int] = set()
+    state = {"next": 0, "out": 0, "closed": False, "failed": False}
+
+    def next_task() -> tuple[int, int] | None:
+        """(batch, stage) to run next: the oldest batch with a stage to do, else a new one."""
+        for k in range(state["out"], state["next"]):
+            if k not in running and stage[k] < last:
+                return k, stage[k] + 1
+        k = state["next"]
+        if k < n and not state["failed"] and k - state["out"] < len(stages):
+            return k, 0
+        return None
+
+    def work() -> None:
+        while True:
+            with cv:
+                task = None
+                while not state["closed"] and (task := next_task()) is None:
+                    cv.wait()
+                if state["closed"]:
+                    return
+                k, j = task
+                if j == 0:
+                    state["next"] += 1
+                running.add(k)
+                alone = len(running) == 1 and next_task() is None
+                held = batches[k] if j == 0 else value.pop(k)
+            try:
+                with stage_threads(threads if alone else share):
+                    out: Any = stages[j](held)
+            except BaseException as exc:  # noqa: BLE001 - raised when its batch comes up
+                out = _Failed(exc)
+            with cv:
+                running.discard(k)
+                value[k] = out
+                if isinstance(out, _Failed):
+                    stage[k] = last
+                    state["failed"] = True
+                else:
+                    stage[k] = j
+                cv.notify_all()
+
+    pool = [threading.Thread(target=work, name=f"cmad-stage-{i}", daemon=True)
+            for i in range(workers)]
+    for t in pool:
+        t.start()
+    try:
+        for k in range(n):
+            with cv:
+                while stage[k] < last:
+                    cv.wait()
+                out = value.pop(k)
+                state["out"] = k + 1
+                cv.notify_all()
+            if isinstance(out, _Failed):
+                raise out.exc
+            yield out
+    finally:
+        with cv:
+            state["closed"] = True
+            cv.notify_all()
+        for t in pool:
+            t.join()
