@@ -143,6 +143,48 @@ def test_an_error_comes_up_with_its_batch_after_the_ones_before_it():
     assert torch.get_num_threads() == threads
 
 
+def test_threads_started_after_a_stream_begin_with_the_callers_count():
+    """Every torch.set_num_threads (the workers' shares too) also sets the count threads
+    started later begin with; the stream sets the caller's back at its end."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from cmad.stages import staged
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        def one_thread(b):  # as a worker's share does, and leaves it so
+            torch.set_num_threads(1)
+            return b
+
+        list(staged(list(range(6)), [lambda b: b, one_thread], 2))
+        with ThreadPoolExecutor(1) as fresh:
+            assert fresh.submit(torch.get_num_threads).result() == 2
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_base_exception_in_a_stage_comes_up_with_its_batch():
+    from cmad.stages import staged
+
+    class Stop(BaseException):
+        pass
+
+    def step(b):
+        if b == 3:
+            raise Stop
+        return b
+
+    got = []
+    with pytest.raises(Stop):
+        for b in staged(list(range(8)), [lambda b: b, step], 2):
+            got.append(b)
+    assert got == [0, 1, 2]
+
+
 def test_staged_keeps_batch_order_whatever_order_the_tasks_finish_in():
     import random
     import time

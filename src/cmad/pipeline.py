@@ -93,15 +93,16 @@ def stream_batches(
     ms per sample by stage), with one progress bar counting samples. Yields each batch's
     samples, result and ms per sample by stage ("read" and "preprocess" included).
 
-    Two stages, reading with preprocessing and then `step`, run on a few worker threads
-    (`cmad.stages.staged`: one per torch thread of the caller, each task with its share of
-    the threads while another runs beside it; a task alone takes them all). They take the
-    oldest batch's waiting stage first, so batch k+1 is read, or stepped, while batch k is
-    stepped: on 2 cores the cores stay busy (a real-size model's predictions went from
-    about 11 to about 14.5 samples per second against reading ahead in one thread and
-    stepping on one torch thread fewer, RESULTS.md round 12). The caller's thread keeps its
-    threads, so its code between batches runs on all of them. No result depends on any of
-    this (the same functions of the same inputs; no result depends on the thread count).
+    Two stages, reading with preprocessing and then `step`, run on worker threads
+    (`cmad.stages.staged`: at most one per torch thread of the caller and one per stage;
+    a task that starts beside another gets its share of the threads, one that starts alone
+    takes them all). They take the oldest batch's waiting stage first, so batch k+1 is
+    read, or stepped, while batch k is stepped: on 2 cores both stay busy (a real-size
+    model's predictions went from 9.9-10.5 to 13.5-13.9 samples per second against reading
+    ahead in one thread and stepping on one torch thread fewer, RESULTS.md round 12). The
+    caller's thread keeps its threads, so its code between batches runs on all of them. No
+    result depends on any of this (the same functions of the same inputs; no result
+    depends on the thread count).
     An error of either stage (a bad file) is raised when its batch comes up, after the
     batches before it have been yielded.
     """
@@ -357,7 +358,7 @@ class Detector:
             s = item if load is None else load(item)
             c = cloud_scale(s)
             if c is not None:
-                scales.append(c)  # list.append is atomic: the worker thread calls this
+                scales.append(c)  # list.append is atomic: the worker threads call this
             return s
 
         first = read(train[0])

@@ -51,8 +51,10 @@ def cpu_threads() -> int:
 
 @contextlib.contextmanager
 def stage_threads(n: int) -> Iterator[None]:
-    """Run the block on `n` threads in the calling thread only: torch's thread count (torch
-    keeps one per OS thread) and the FPFH kernels' (`cpu_threads`), both restored on exit.
+    """Run the block on `n` threads in the calling thread only: torch's thread count (each
+    OS thread has its own, but every `torch.set_num_threads` also sets the count threads
+    started later begin with, which `cmad.stages` sets back afterwards) and the FPFH kernels'
+    (`cpu_threads`), both restored on exit.
     For pipeline stages that run side by side in threads of their own (`cmad.stages`).
     Results do not depend on thread counts."""
     import torch

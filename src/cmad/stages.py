@@ -8,10 +8,12 @@ the CNN and batch k-1 is scored. Numba, numpy, file decoding and torch release t
 the work spreads over the cores. No result depends on this: every task is the same
 function of the same input, and no result depends on thread counts.
 
-While other tasks run or wait beside it, a task gets its share of the threads (torch's, set
-per worker thread, and the FPFH kernels', `cmad.runtime.cpu_threads`); a task alone takes
-them all. At most one batch per stage is in flight, so memory stays a few batches. An error
-of any task is raised when its batch comes up, after the batches before it have come out.
+A task that starts while other tasks run or wait beside it gets its share of the threads
+(threads // workers: torch's, set per worker thread, and the FPFH kernels',
+`cmad.runtime.cpu_threads`); a task that starts alone takes them all (decided when it
+starts). At most len(stages) batches are read and not yet handed out (two batches may be
+in one stage at once), so memory stays a few batches. An error of any task is raised when
+its batch comes up, after the batches before it have come out.
 """
 from __future__ import annotations
 
@@ -37,6 +39,9 @@ def staged(batches: Sequence[Any], stages: Sequence[Callable[[Any], Any]],
         return
     if not stages:
         raise ValueError("no stages")
+    import torch
+
+    caller = torch.get_num_threads()
     threads = max(1, int(threads))
     workers = max(1, min(threads, len(stages)))
     share = max(1, threads // workers)
@@ -57,39 +62,50 @@ def staged(batches: Sequence[Any], stages: Sequence[Callable[[Any], Any]],
         return None
 
     def work() -> None:
-        while True:
+        task: tuple[int, int] | None = None
+        try:
+            while True:
+                with cv:
+                    task = None
+                    while not state["closed"] and (task := next_task()) is None:
+                        cv.wait()
+                    if state["closed"]:
+                        return
+                    k, j = task
+                    if j == 0:
+                        state["next"] += 1
+                    running.add(k)
+                    alone = len(running) == 1 and next_task() is None
+                    held = batches[k] if j == 0 else value.pop(k)
+                try:
+                    with stage_threads(threads if alone else share):
+                        out: Any = stages[j](held)
+                except BaseException as exc:  # noqa: BLE001 - raised when its batch comes up
+                    out = _Failed(exc)
+                with cv:
+                    running.discard(k)
+                    value[k] = out
+                    if isinstance(out, _Failed):
+                        stage[k] = last
+                        state["failed"] = True
+                    else:
+                        stage[k] = j
+                    task = None
+                    cv.notify_all()
+        except BaseException as exc:  # noqa: BLE001 - never leave the consumer waiting
             with cv:
-                task = None
-                while not state["closed"] and (task := next_task()) is None:
-                    cv.wait()
-                if state["closed"]:
-                    return
-                k, j = task
-                if j == 0:
-                    state["next"] += 1
-                running.add(k)
-                alone = len(running) == 1 and next_task() is None
-                held = batches[k] if j == 0 else value.pop(k)
-            try:
-                with stage_threads(threads if alone else share):
-                    out: Any = stages[j](held)
-            except BaseException as exc:  # noqa: BLE001 - raised when its batch comes up
-                out = _Failed(exc)
-            with cv:
-                running.discard(k)
-                value[k] = out
-                if isinstance(out, _Failed):
-                    stage[k] = last
-                    state["failed"] = True
-                else:
-                    stage[k] = j
+                if task is not None:
+                    running.discard(task[0])
+                    value[task[0]] = _Failed(exc)
+                    stage[task[0]] = last
+                state["failed"] = True
                 cv.notify_all()
 
     pool = [threading.Thread(target=work, name=f"cmad-stage-{i}", daemon=True)
             for i in range(workers)]
-    for t in pool:
-        t.start()
     try:
+        for t in pool:
+            t.start()
         for k in range(n):
             with cv:
                 while stage[k] < last:
@@ -104,5 +120,11 @@ def staged(batches: Sequence[Any], stages: Sequence[Callable[[Any], Any]],
         with cv:
             state["closed"] = True
             cv.notify_all()
-        for t in pool:
-            t.join()
+        me = threading.current_thread()
+        if me not in pool:  # a generator finalised by the garbage collector on a worker
+            for t in pool:
+                if t.is_alive():
+                    t.join()
+            # every torch.set_num_threads also sets the count that threads started later
+            # begin with; the workers' shares must not leak into them
+            torch.set_num_threads(caller)
