@@ -64,6 +64,7 @@ def stages_alone(det, files, load) -> dict:  # noqa: ANN001 - a Detector, file t
     import numpy as np
 
     from cmad.features.geometry import render_geometry
+    from cmad.runtime import stage_threads
 
     def best(fn):  # noqa: ANN001, ANN202
         times = []
@@ -73,11 +74,8 @@ def stages_alone(det, files, load) -> dict:  # noqa: ANN001 - a Detector, file t
             times.append(time.perf_counter() - t)
         return out, round(min(times) * 1000.0 / len(files), 1)
 
-    from cmad.runtime import stage_threads
-
     ms: dict[str, float] = {}
     with stage_threads(1):  # torch and FPFH on one thread
-
         samples, ms["read"] = best(lambda: [load(f) for f in files])
         prep, ms["preprocess"] = best(lambda: det.prepare(samples))
         ext = det.extractor

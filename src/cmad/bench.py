@@ -374,20 +374,19 @@ def time_stream(det: Detector, cd: CategoryData, folder: Path) -> dict:
     brought to the original size, the batches overlapping on the worker threads
     (`Detector.iter_predict`; nothing written). Samples per second over the test split,
     after one warm-up batch, and the load average before and after."""
-    det.save(folder / "model")
-    live = Detector.load(folder / "model")
     refs = cd.test_refs or []
     if not refs or cd.load is None:
         raise ConfigError(f"{cd.name}: no test files to stream")
+    det.save(folder / "model")
+    live = Detector.load(folder / "model")
     list(live.iter_predict(refs[: live.config.batch_size], load=cd.load))
     before = load_average()
     t = time.perf_counter()
     n = sum(1 for _ in live.iter_predict(refs, load=cd.load))
     wall = time.perf_counter() - t
+    after = load_average()
     return {"samples_per_s": n / wall, "ms_per_sample": 1000.0 * wall / n, "n": n,
-            "wall_s": wall,
-            "load_average": [None if before is None else before[0],
-                             None if load_average() is None else load_average()[0]]}
+            "wall_s": wall, "load_average": [None if x is None else x[0] for x in (before, after)]}
 
 
 def _mean(rows: list[dict]) -> dict:
@@ -427,6 +426,20 @@ def _panels(cd: CategoryData, idx: list[int], preds: list, decision: Decision) -
     return out
 
 
+def _time_into(row: dict, key: str, timer: Callable[[Detector, CategoryData, Path], dict],
+               det: Detector, cd: CategoryData, method: str, what: str,
+               keep_error: bool) -> None:
+    """row[key] = timer(det, cd, a scratch folder); a `ConfigError` is logged (and kept in
+    the row as {"error": ...} when `keep_error`)."""
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            row[key] = timer(det, cd, Path(tmp))
+    except ConfigError as exc:
+        log.warning("%s: %s not %s: %s", cd.name, method, what, exc)
+        if keep_error:
+            row[key] = {"error": str(exc)}
+
+
 def bench_category(data: Path, category: str, size: int, seed: int, cache_dir: Path | None,
                    methods: Sequence[str], shots: Sequence[int], base: DetectorConfig | None,
                    panels_per_type: int, threads: int, run_methods: bool = True,
@@ -447,18 +460,10 @@ def bench_category(data: Path, category: str, size: int, seed: int, cache_dir: P
         else:
             row, det, preds = run_method(m, cd, seed, size, ext, base=base)
             if onnx:
-                try:
-                    with tempfile.TemporaryDirectory() as tmp:
-                        row["runtime"] = time_runtimes(det, cd, Path(tmp))
-                except ConfigError as exc:
-                    log.warning("%s: %s not timed in ONNX Runtime: %s", c, m, exc)
-                    row["runtime"] = {"error": str(exc)}
+                _time_into(row, "runtime", time_runtimes, det, cd, m, "timed in ONNX Runtime",
+                           keep_error=True)
             if stream:
-                try:
-                    with tempfile.TemporaryDirectory() as tmp:
-                        row["stream"] = time_stream(det, cd, Path(tmp))
-                except ConfigError as exc:
-                    log.warning("%s: %s not streamed: %s", c, m, exc)
+                _time_into(row, "stream", time_stream, det, cd, m, "streamed", keep_error=False)
             out["rows"][m] = row
             if m == "cmad":  # per-branch maps for the figures, outside the timed loop
                 idx = _panel_indices(cd.test, panels_per_type)

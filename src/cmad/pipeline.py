@@ -102,9 +102,8 @@ def stream_batches(
     ahead in one thread and stepping on one torch thread fewer, RESULTS.md round 12). The
     caller's thread keeps its threads, so its code between batches runs on all of them. No
     result depends on any of this (the same functions of the same inputs; no result
-    depends on the thread count).
-    An error of either stage (a bad file) is raised when its batch comes up, after the
-    batches before it have been yielded.
+    depends on the thread count). An error of either stage (a bad file) is raised when its
+    batch comes up, after the batches before it have been yielded.
     """
     import torch
 
@@ -443,8 +442,8 @@ class Detector:
                      ) -> Iterator[tuple[Sample, Prediction]]:
         """(sample, prediction) pairs in order, batches read (`load`: item -> Sample, e.g.
         a file pair), preprocessed and scored side by side on worker threads
-        (`stream_batches`); only a few batches are in memory at a time. A sample the model cannot
-        take raises `DataError` when its batch comes up."""
+        (`stream_batches`); only a few batches are in memory at a time. A sample the model
+        cannot take raises `DataError` when its batch comes up."""
         if not self.core.branches:
             raise RuntimeError("the detector has not been fitted or loaded")
         for samples, preds, _ in stream_batches(

@@ -36,8 +36,8 @@ def thread_limit() -> int | None:
 
 def cpu_threads() -> int:
     """The threads the calling thread may use now: its share while pipeline stages run side
-    by side (`stage_threads`), else the limit set by `set_threads`, else the CPUs this process may
-    use."""
+    by side (`stage_threads`), else the limit set by `set_threads`, else the CPUs this
+    process may use."""
     share = getattr(_SHARE, "n", None)
     if share is not None:
         return share
@@ -53,10 +53,9 @@ def cpu_threads() -> int:
 def stage_threads(n: int) -> Iterator[None]:
     """Run the block on `n` threads in the calling thread only: torch's thread count (each
     OS thread has its own, but every `torch.set_num_threads` also sets the count threads
-    started later begin with, which `cmad.stages` sets back afterwards) and the FPFH kernels'
-    (`cpu_threads`), both restored on exit.
-    For pipeline stages that run side by side in threads of their own (`cmad.stages`).
-    Results do not depend on thread counts."""
+    started later begin with, which `cmad.stages` sets back afterwards) and the FPFH
+    kernels' (`cpu_threads`), both restored on exit. For pipeline stages that run side by
+    side in threads of their own (`cmad.stages`). Results do not depend on thread counts."""
     import torch
 
     before_torch, before_share = torch.get_num_threads(), getattr(_SHARE, "n", None)

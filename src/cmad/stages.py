@@ -3,10 +3,11 @@
 Stage 0 takes a batch, each later stage the result of the one before; the last stage's
 results come out in batch order. A small pool of worker threads (one per CPU thread the
 caller's torch may use, at most one per stage) takes the waiting task of the oldest batch
-first, so the stages of different batches overlap: batch k+1 is read while batch k is in
-the CNN and batch k-1 is scored. Numba, numpy, file decoding and torch release the GIL, so
-the work spreads over the cores. No result depends on this: every task is the same
-function of the same input, and no result depends on thread counts.
+first, so the stages of different batches overlap (with a reading stage and a model
+stage: batch k+1 is read while batch k goes through the model). Numba, numpy, file
+decoding and torch release the GIL, so the work spreads over the cores. No result depends
+on this: every task is the same function of the same input, and no result depends on
+thread counts.
 
 A task that starts while other tasks run or wait beside it gets its share of the threads
 (threads // workers: torch's, set per worker thread, and the FPFH kernels',
@@ -61,6 +62,15 @@ def staged(batches: Sequence[Any], stages: Sequence[Callable[[Any], Any]],
             return k, 0
         return None
 
+    def settle(k: int, j: int, out: Any) -> None:
+        """Record batch k's stage j (under the lock); a failure ends the batch."""
+        running.discard(k)
+        value[k] = out
+        failed = isinstance(out, _Failed)
+        stage[k] = last if failed else j
+        state["failed"] = state["failed"] or failed
+        cv.notify_all()
+
     def work() -> None:
         task: tuple[int, int] | None = None
         try:
@@ -83,21 +93,12 @@ def staged(batches: Sequence[Any], stages: Sequence[Callable[[Any], Any]],
                 except BaseException as exc:  # noqa: BLE001 - raised when its batch comes up
                     out = _Failed(exc)
                 with cv:
-                    running.discard(k)
-                    value[k] = out
-                    if isinstance(out, _Failed):
-                        stage[k] = last
-                        state["failed"] = True
-                    else:
-                        stage[k] = j
+                    settle(k, j, out)
                     task = None
-                    cv.notify_all()
         except BaseException as exc:  # noqa: BLE001 - never leave the consumer waiting
             with cv:
                 if task is not None:
-                    running.discard(task[0])
-                    value[task[0]] = _Failed(exc)
-                    stage[task[0]] = last
+                    settle(task[0], last, _Failed(exc))
                 state["failed"] = True
                 cv.notify_all()
 

@@ -323,9 +323,9 @@ def stream_table(results: Mapping[str, Any], baseline: str = BASELINE) -> Table 
     note = ("Each fitted method saved, loaded back and run over the test files as `cmad "
             "predict` streams them (read, preprocess, features, branches, fusion, maps at the "
             "original size; batches overlapping on the worker threads; no files written), "
-            "after one warm-up batch; over all categories' test samples together. One at a time is the "
-            "Efficiency table's sum of stage medians for a single sample. Speed above 1x is "
-            "faster than the baseline.")
+            "after one warm-up batch; over all categories' test samples together. One at a "
+            "time is the Efficiency table's sum of stage medians for a single sample. Speed "
+            "above 1x is faster than the baseline.")
     return Table(title="Throughput", header=header, cells=cells, csv_header=csv_header,
                  values=values, note=note, slug="throughput")
 
