@@ -196,3 +196,24 @@ def test_demo_runs_and_says_how_long_it_took(tmp_path):
     assert made == [CATEGORY_NAMES[0]]
     assert (out / "report").is_symlink() and (out / "report" / "index.html").is_file()
     assert (out / "report" / "details.html").is_file()
+
+
+def test_fit_precision_reaches_the_model_and_a_bad_one_exits_2(tiny_root, tmp_path):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(FAST)
+    cat = sorted(p.name for p in tiny_root.iterdir() if p.is_dir())[0]
+    r = _run("fit", "--data", tiny_root, "--category", cat, "--out", tmp_path / "m", "--config",
+             cfg, "--precision", "bfloat16", "--quiet")
+    assert r.exit_code == 0, r.output
+    saved = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert saved["config"]["rgb"]["precision"] == "bfloat16"
+    assert saved["config"]["size"] == 64  # the config file still applies
+    r = _run("export", "--model", tmp_path / "m", "--out", tmp_path / "m.onnx")
+    assert r.exit_code == 2 and "refit with --precision float32" in r.output
+    assert not (tmp_path / "m.onnx").exists()
+    for cmd in (("fit", "--data", tiny_root, "--category", cat, "--out", tmp_path / "m2"),
+                ("bench", "--data", tiny_root, "--out", tmp_path / "r")):
+        r = _run(*cmd, "--precision", "half", "--quiet")
+        assert r.exit_code == 2 and "precision must be one of" in r.output, r.output
+        assert "Traceback" not in r.output
+    assert not (tmp_path / "m2").exists() and not (tmp_path / "r").exists()

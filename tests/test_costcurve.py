@@ -54,3 +54,20 @@ def test_cost_curve_rows_and_files(tiny_root, tmp_path):
         run_cost_curve(tiny_root, tmp_path / "cc", cat, ["rgb-bank"], [1], progress=False)
     with pytest.raises(ConfigError, match="training samples asked for"):
         run_cost_curve(tiny_root, tmp_path / "cc2", cat, ["rgb-bank"], [10_000], progress=False)
+
+
+def test_cost_curve_takes_a_base_config_and_records_it(tiny_root, tmp_path):
+    """`bench --scale --config/--precision`: the base reaches every method and results.json."""
+    from cmad.model.config import DetectorConfig
+
+    cat = sorted(p.name for p in tiny_root.iterdir() if p.is_dir())[0]
+    base = DetectorConfig().with_overrides({"rgb": {"precision": "bfloat16"}, "bank_fraction": 0.5})
+    res = run_cost_curve(tiny_root, tmp_path / "cc", cat, ["rgb-bank"], [2], threads=1,
+                         n_test=2, progress=False, base=base)
+    assert res["config"]["rgb"]["precision"] == "bfloat16"
+    plain = run_cost_curve(tiny_root, tmp_path / "cc2", cat, ["rgb-bank"], [2], threads=1,
+                           n_test=2, progress=False)
+    assert plain["config"]["rgb"]["precision"] == "float32"
+    # the base's bank fraction (50% against 1%) reached the fitted bank
+    assert (res["methods"]["rgb-bank"]["rows"][0]["bank_entries"]
+            > plain["methods"]["rgb-bank"]["rows"][0]["bank_entries"])

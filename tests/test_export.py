@@ -313,3 +313,20 @@ def test_a_model_saved_before_map_exclude_keeps_every_branch_in_its_map(models, 
     (old / "config.json").write_text(json.dumps(meta))
     assert Detector.load(old).core.map_weights is None
     assert Detector.load(model).core.map_weights is not None
+
+
+def test_a_bfloat16_model_is_not_exported(data, tmp_path):
+    """ONNX computes the CNN in float32: a model fitted on bfloat16 features is refused, and
+    so is `bench --onnx` with such a config, before any fit."""
+    cat, _ = data
+    cfg = _cfg(DEFAULT).with_overrides({"rgb": {"precision": "bfloat16"}})
+    det = Detector(cfg).fit(cat, progress=False)
+    with pytest.raises(ConfigError, match="refit with --precision float32"):
+        export_onnx(det, tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
+    from cmad.bench import run_bench
+
+    with pytest.raises(ConfigError, match="--onnx.*bfloat16"):
+        run_bench(data[0].root.parent, tmp_path / "r", methods=["cmad"], base=cfg, onnx=True,
+                  progress=False)
+    assert not (tmp_path / "r").exists()

@@ -319,3 +319,28 @@ def test_unreadable_weights_file_is_named(tmp_path) -> None:
     save_file({"w": torch.zeros(3)}, str(other))
     with pytest.raises(ModelFormatError, match="do not fit"):
         RGBExtractor(RGBConfig(size=64, weights_path=str(other)))
+
+
+def test_bfloat16_features_are_close_deterministic_and_named(extractor, images, monkeypatch) -> None:
+    """rgb precision bfloat16: the same bits for any thread count and batch size, within a few
+    percent of float32, its own identity (cache keys), float32's identity unchanged."""
+    bf = RGBExtractor(RGBConfig(size=SIZE, precision="bfloat16"))
+    ref = extractor.extract(images)
+    runs = []
+    for threads, batch in ((1, 1), (2, 3), (2, 1)):
+        monkeypatch.setattr(bf, "cfg", RGBConfig(size=SIZE, precision="bfloat16", threads=threads))
+        runs.append(bf.extract(images, batch_size=batch))
+    assert all(r.dtype == torch.float32 and not r.is_inference() for r in runs)
+    assert all(torch.equal(runs[0], r) for r in runs[1:])
+    rel = float((runs[0] - ref).norm() / ref.norm())
+    assert 1e-4 < rel < 0.08, rel  # bfloat16 was used (not float32), and stays close
+    assert "precision" not in extractor.identity()
+    assert bf.identity() == {**extractor.identity(), "precision": "bfloat16"}
+    assert bf.digest != extractor.digest
+
+
+def test_bad_precision_and_onnx_with_bfloat16_are_refused() -> None:
+    with pytest.raises(ConfigError, match="precision must be one of"):
+        RGBConfig(size=SIZE, precision="float16")
+    with pytest.raises(ConfigError, match="ONNX runtime computes RGB features in float32"):
+        RGBExtractor(RGBConfig(size=SIZE, precision="bfloat16"), runtime="onnx")

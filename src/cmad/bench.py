@@ -524,7 +524,10 @@ def run_bench(
     set_threads(threads)
     methods = list(methods or DEFAULT_METHODS)
     for m in methods:
-        method_config(m, seed, size, base)  # fail early on unknown names
+        cfg = method_config(m, seed, size, base)  # fail early on unknown names
+        if onnx and cfg.rgb.precision != "float32":
+            raise ConfigError(f"--onnx: the ONNX graph computes CNN features in float32, but "
+                              f"{m}'s are {cfg.rgb.precision} (rgb precision)")
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out}: report folder exists and is not empty; each run writes a new one")

@@ -45,6 +45,13 @@ def _cache_opt() -> Any:
                              "entries are keyed by file content and code version")
 
 
+def _precision_opt() -> Any:
+    return typer.Option(None, "--precision", show_default="the config's, float32",
+                        help="arithmetic of the CNN passes: float32, or bfloat16 (faster on "
+                             "CPUs with AVX-512 BF16 or AMX; torch runtime only, no ONNX "
+                             "export)")
+
+
 def _quiet_opt() -> Any:
     return typer.Option(False, "--quiet", "-q",
                         help="no progress bars or log lines: only results and errors")
@@ -231,6 +238,11 @@ def features(
             typer.echo(f"{k:>22}: {v}")
 
 
+def _precision(precision: str | None) -> dict:
+    """The config override of --precision (none when not given)."""
+    return {} if precision is None else {"rgb": {"precision": precision}}
+
+
 def _load_config(config: Path | None, overrides: dict) -> DetectorConfig:  # noqa: F821
     from cmad.model.config import DetectorConfig
 
@@ -249,6 +261,7 @@ def fit(
     config: Path | None = typer.Option(None, "--config", show_default="built-in defaults",
                                        help="YAML or JSON file setting DetectorConfig fields"),
     size: int | None = _size_opt(None),
+    precision: str | None = _precision_opt(),
     seed: int | None = typer.Option(None, "--seed", show_default="the config's seed, 0",
                                     help="random seed: same seed and data, same model"),
     cache: Path | None = _cache_opt(),
@@ -267,7 +280,7 @@ def fit(
         if shots is not None and shots < 1:
             raise CmadError(f"--shots must be a positive integer, got {shots}")
         check_model_dir(out)
-        cfg = _load_config(config, {"seed": seed, "size": size})
+        cfg = _load_config(config, {"seed": seed, "size": size, **_precision(precision)})
         det = Detector(cfg, cache_dir=cache or default_cache_dir())
         det.fit(open_dataset(data).category(category), shots=shots, progress=not quiet)
         det.save(out)
@@ -577,7 +590,12 @@ def bench(
     shots: str | None = typer.Option(None, "--shots", show_default="none",
                                      help="also fit on K training samples, e.g. 5,10,50 "
                                           "(few-shot table)"),
+    config: Path | None = typer.Option(
+        None, "--config", show_default="built-in defaults",
+        help="YAML or JSON file setting DetectorConfig fields: the base of every method (each "
+             "method then sets its own fields; --size and --seed apply last)"),
     size: int = _size_opt(DEFAULT_SIZE),
+    precision: str | None = _precision_opt(),
     cache: Path | None = _cache_opt(),
     seed: int = typer.Option(0, "--seed", help="random seed: same seed and data, same results"),
     executor: str = typer.Option("local", "--executor", help="local | ray (the [ray] extra)"),
@@ -609,6 +627,11 @@ def bench(
     _size("--size", size)
     from cmad.bench import run_bench
 
+    try:
+        base = (_load_config(config, _precision(precision))
+                if config is not None or precision is not None else None)
+    except CmadError as exc:
+        _fail(exc)
     if scale is not None:
         from cmad.costcurve import parse_counts, run_cost_curve, table_md
 
@@ -621,7 +644,8 @@ def bench(
             res = run_cost_curve(
                 data, out, cat,
                 [m.strip() for m in methods.split(",")] if methods else ["cmad", "btf"],
-                counts, size=size, seed=seed, threads=threads, progress=not quiet)
+                counts, size=size, seed=seed, threads=threads, progress=not quiet,
+                base=base)
         except (CmadError, OSError) as exc:
             _fail(exc)
         typer.echo(table_md(res))
@@ -640,7 +664,7 @@ def bench(
             methods=[m.strip() for m in methods.split(",")] if methods else None,
             shots=shot_list,
             size=size, cache_dir=cache, seed=seed, threads=threads, progress=not quiet,
-            executor=executor, address=address, onnx=onnx, stream=stream,
+            executor=executor, address=address, onnx=onnx, stream=stream, base=base,
         )
     except (CmadError, OSError) as exc:
         _fail(exc)

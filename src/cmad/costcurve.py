@@ -43,6 +43,7 @@ from cmad.data.io import atomic_folder, write_bytes_atomic
 from cmad.data.splits import select_shots, split_source
 from cmad.errors import ConfigError
 from cmad.features import FeatureExtractor, FeatureMaps
+from cmad.model.config import DetectorConfig
 from cmad.model.core import feature_needs
 from cmad.pipeline import Detector
 from cmad.progress import progress as progress_bar
@@ -80,14 +81,16 @@ def exponent(ns: Sequence[int], ys: Sequence[float]) -> float:
 
 def run_cost_curve(data: Path, out: Path, category: str, methods: Sequence[str],
                    counts: Sequence[int], size: int = DEFAULT_SIZE, seed: int = 0, threads: int = 2,
-                   n_test: int = 20, progress: bool = True) -> dict:
+                   n_test: int = 20, progress: bool = True,
+                   base: DetectorConfig | None = None) -> dict:
     """Measure the cost curve of `methods` on one category; write `out` (results.json,
-    cost_curve.md, cost_curve.png) whole or not at all. Returns the results."""
+    cost_curve.md, cost_curve.png) whole or not at all. Returns the results. `base`: the
+    configuration each method's fields are set on (as in `run_bench`)."""
     from cmad.data import open_dataset
 
     set_threads(threads)
     for m in methods:
-        method_config(m, seed, size)
+        method_config(m, seed, size, base)
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out}: report folder exists and is not empty; each run writes a new one")
@@ -100,14 +103,14 @@ def run_cost_curve(data: Path, out: Path, category: str, methods: Sequence[str],
     train_s = select_shots(train_s, counts[-1], seed)
     test_s = cat.samples("test")[:n_test]
     modalities = [m for m in ("rgb", "xyz") if getattr(train_s[0], m) is not None]
-    configs = {m: method_config(m, seed, size) for m in methods}
+    configs = {m: method_config(m, seed, size, base) for m in methods}
     needs: set[str] = set()
     for c in configs.values():
         needs |= feature_needs(c, modalities)
-    base = method_config("cmad", seed, size)
-    ext = FeatureExtractor(needs, size=size, rgb=base.rgb, xyz=base.xyz, geometry=base.geometry,
-                           cache_dir=None)
-    prep = Detector(base, cache_dir=None, extractor=ext)
+    cmad_cfg = method_config("cmad", seed, size, base)
+    ext = FeatureExtractor(needs, size=size, rgb=cmad_cfg.rgb, xyz=cmad_cfg.xyz,
+                           geometry=cmad_cfg.geometry, cache_dir=None)
+    prep = Detector(cmad_cfg, cache_dir=None, extractor=ext)
 
     def prepared(samples: Sequence, desc: str) -> tuple[list, float]:
         items, ms = [], []
@@ -175,6 +178,7 @@ def run_cost_curve(data: Path, out: Path, category: str, methods: Sequence[str],
         "load_average": {"before": load0, "after": load_average()},
         "created": _dt.datetime.now().isoformat(timespec="seconds"), "command": " ".join(sys.argv),
         "descriptions": {m: METHODS[m][1] for m in methods},
+        "config": (DetectorConfig() if base is None else base).to_dict(),
         "feature_ms_per_sample": {"preprocess": prep_ms, **train_ms},
         "methods": {m: {"rows": r, "fit_exponent": exponent([x["n_train"] for x in r],
                                                             [x["fit_s"] for x in r]),

@@ -119,8 +119,10 @@ MAX_ABS_COORD = 1e6
 # A point farther from the cloud's median than this many times the median distance of the
 # points to it is a far outlier (a sensor glitch such as a finite 1e30), not part of the scene.
 FAR_FACTOR = 100.0
-# the far-outlier test's median and spread come from at most this many valid points
-MEDIAN_POINTS = 1 << 16
+# the far-outlier test's median and spread come from at most this many evenly spaced valid
+# points: an estimate within a few percent, against a factor of FAR_FACTOR. 4,096 instead of
+# 65,536 made reading a 320 x 240 cloud 6.6 -> 2.3 ms (RESULTS.md, round 13)
+MEDIAN_POINTS = 1 << 12
 
 
 
@@ -169,7 +171,7 @@ def clean_cloud(xyz: np.ndarray, valid: np.ndarray, path: str | Path | None) -> 
     # points, reading an 800 x 720 cloud took 303 ms, of which the TIFF itself 4 ms
     keep = np.flatnonzero((valid & ~far).ravel())
     if len(keep):
-        sub = flat[keep[:: max(1, len(keep) // MEDIAN_POINTS)]].astype(np.float64)
+        sub = flat[keep[:: -(-len(keep) // MEDIAN_POINTS)]].astype(np.float64)
         centre = np.median(sub, axis=0)
         spread = float(np.median(np.sqrt(((sub - centre) ** 2).sum(axis=1))))
         limit = np.float32((FAR_FACTOR * max(spread, 1e-9)) ** 2)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import importlib
 import json
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 ONNX_OPSET = 17
 RUNTIMES = ("torch", "onnx")
+PRECISIONS = ("float32", "bfloat16")
 
 # The weights of EfficientNet-Lite were trained in TensorFlow with inception-style input
 # scaling ("edge models use inception-style MEAN & STDDEV for better post-quantization"):
@@ -78,6 +80,12 @@ class RGBConfig:
     aggregate: side of the neighbourhood averaged at each grid position (1 = none).
     weights_path: a local weights file instead of the packaged one.
     threads: CPU threads for the forward pass (None = leave torch / ONNX Runtime defaults).
+    precision: "float32", or "bfloat16": the forward pass under torch's CPU autocast
+        (convolutions and matrix products in bfloat16, features returned as float32). Fast
+        only on CPUs with native bfloat16 (AVX-512 BF16 or AMX; `bfloat16_native()`): with
+        oneDNN held to plain AVX-512 it took 1.8x float32's time, to AVX2 14x (RESULTS.md,
+        round 13). The same bits for any thread count and batch size.
+        Torch only: the ONNX Runtime path is float32 (ONNX export refuses a bfloat16 model).
     """
 
     backbone: str = "efficientnet-lite0"
@@ -86,6 +94,7 @@ class RGBConfig:
     aggregate: int = 3
     weights_path: str | None = None
     threads: int | None = None
+    precision: str = "float32"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "strides", tuple(int(s) for s in self.strides))
@@ -105,6 +114,9 @@ class RGBConfig:
             raise ConfigError(f"rgb aggregate must be an odd integer >= 1, got {self.aggregate}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"rgb threads must be >= 1 or None, got {self.threads}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"rgb precision must be one of {list(PRECISIONS)}, got "
+                              f"{self.precision!r}")
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -463,6 +475,22 @@ class FeaturePipeline(nn.Module):
         return f
 
 
+@functools.cache
+def bfloat16_native() -> bool:
+    """Whether this CPU computes bfloat16 natively (the AVX-512 BF16 or AMX-BF16 flags in
+    Linux's /proc/cpuinfo). Elsewhere torch emulates it, slower than float32."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.partition(":")[2].split())
+            break
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
 def onnx_session(path: str | Path, threads: int | None = None) -> Any:
     """An ONNX Runtime CPU session for `path` (`threads` intra-op threads, None: its
     default), sequential, all graph optimisations, idle workers not spinning. Shared by the
@@ -509,7 +537,14 @@ class RGBExtractor:
         self.cfg = cfg if cfg is not None else RGBConfig()
         if runtime not in RUNTIMES:
             raise ConfigError(f"rgb runtime must be one of {RUNTIMES}, got {runtime!r}")
+        if runtime == "onnx" and self.cfg.precision != "float32":
+            raise ConfigError(f"the ONNX runtime computes RGB features in float32; these "
+                              f"features are {self.cfg.precision} (rgb precision): use the "
+                              "torch runtime")
         self.runtime = runtime
+        if self.cfg.precision == "bfloat16" and not bfloat16_native():
+            log.warning("this CPU has no native bfloat16 (AVX-512 BF16 or AMX): the CNN runs "
+                        "emulated, several times slower than with rgb precision float32")
         self.backbone = build_backbone(self.cfg)
         self.pipeline = FeaturePipeline(self.backbone, self.cfg.grid, self.cfg.aggregate).eval()
         probe = self._run_torch(np.zeros((1, self.cfg.size, self.cfg.size, 3), np.uint8))
@@ -527,8 +562,9 @@ class RGBExtractor:
         return self.cfg.grid
 
     def identity(self) -> dict[str, Any]:
-        """Everything that determines the features (not the runtime or thread count)."""
-        return {
+        """Everything that determines the features (not the runtime or thread count).
+        The precision is named only when it is not float32 (earlier identities stay)."""
+        ident = {
             "format": FORMAT_VERSION,
             "backbone": self.backbone.identity(),
             "size": self.cfg.size,
@@ -537,6 +573,9 @@ class RGBExtractor:
             "dim": self.dim,
             "grid": list(self.grid),
         }
+        if self.cfg.precision != "float32":
+            ident["precision"] = self.cfg.precision
+        return ident
 
     @property
     def digest(self) -> str:
@@ -570,10 +609,12 @@ class RGBExtractor:
         if not images.flags.c_contiguous or not images.flags.writeable:
             images = np.array(images, order="C")
         x = torch.from_numpy(images)
-        with _torch_threads(self.cfg.threads), torch.inference_mode():
+        bf16 = self.cfg.precision == "bfloat16"
+        with (_torch_threads(self.cfg.threads), torch.inference_mode(),
+              torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)):
             out = self.pipeline(x)
-        # A normal tensor (not an inference tensor) so that callers may train on it.
-        return out.clone()
+        # A normal float32 tensor (not an inference tensor) so that callers may train on it.
+        return out.to(torch.float32) if out.dtype != torch.float32 else out.clone()
 
     def _run_onnx(self, images: np.ndarray) -> torch.Tensor:
         (out,) = self._session.run(None, {"rgb": np.ascontiguousarray(images)})
