@@ -6,8 +6,9 @@ P separate processes, each on T threads, against one process (data parallelism).
 Each process loads the model, warms up on 8 samples, waits for the others, then streams its
 share of FOLDER (every P-th file) through `iter_predict`. Prints one JSON object: per
 process count, the total samples/s over the common wall clock and each process's own rate.
-Round 13 (RESULTS.md) used it to show that two processes reach 1.48x one, while a Python
-loop and a matrix product reach 2x: the stages contend for cache and memory.
+Round 13 (RESULTS.md) used it to show that two processes reach 1.42-1.53x one (while, in a
+scratch timing, a Python loop and a matrix product reached 2x: the stages contend for
+cache and memory).
 """
 from __future__ import annotations
 
@@ -15,8 +16,11 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import threading
 import time
 from pathlib import Path
+
+TIMEOUT_S = 600.0  # a worker that has not started or finished by then has failed
 
 
 def _work(model: str, files: list, barrier, queue, threads: int) -> None:  # noqa: ANN001
@@ -31,25 +35,33 @@ def _work(model: str, files: list, barrier, queue, threads: int) -> None:  # noq
         return read_sample(*f)
 
     list(det.iter_predict(files[:8], load=load))
-    barrier.wait()
+    barrier.wait(timeout=TIMEOUT_S)
     t0 = time.perf_counter()
     n = sum(1 for _ in det.iter_predict(files, load=load))
     queue.put((n, time.perf_counter() - t0))
 
 
 def run(model: Path, folder: Path, procs: int, threads: int) -> dict:
+    from cmad.export import load_predictor
     from cmad.predict_io import input_files
 
-    files = input_files(None, None, folder, ["rgb", "xyz"])
+    det = load_predictor(model, "torch")  # a bad model fails here, not in every worker
+    files = input_files(None, None, folder, det.modalities)
     ctx = mp.get_context("spawn")
     barrier, queue = ctx.Barrier(procs + 1), ctx.Queue()
     ps = [ctx.Process(target=_work, args=(str(model), files[i::procs], barrier, queue, threads))
           for i in range(procs)]
     for p in ps:
         p.start()
-    barrier.wait()
+    try:
+        barrier.wait(timeout=TIMEOUT_S)
+    except threading.BrokenBarrierError:
+        for p in ps:
+            p.terminate()
+        raise SystemExit(f"a worker failed before the start (exit codes "
+                         f"{[p.exitcode for p in ps]})") from None
     t0 = time.perf_counter()
-    res = [queue.get() for _ in ps]
+    res = [queue.get(timeout=TIMEOUT_S) for _ in ps]
     wall = time.perf_counter() - t0
     for p in ps:
         p.join()

@@ -131,6 +131,7 @@ def test_bench_on_mvtec_shaped_fixture(mvtec_like_root, tmp_path):
         assert 0 <= dec["fpr"] <= 1 and 0 <= dec["fnr"] <= 1 and dec["target_fpr"] == 0.01
         assert set(row["decision_mean"]) >= {"fpr", "fnr"}
     assert 0 < res["methods"]["cmad"]["bank_bytes"] < res["methods"]["cmad"]["model_bytes"]
+    assert res["config"]["size"] == 224 and res["config"]["seed"] == 0  # as run
     assert (out / "index.html").exists()
     assert (out / "tables" / "i-auroc.md").exists()
     assert (out / "tables" / "decision.csv").exists()
@@ -211,9 +212,39 @@ def test_fit_precision_reaches_the_model_and_a_bad_one_exits_2(tiny_root, tmp_pa
     r = _run("export", "--model", tmp_path / "m", "--out", tmp_path / "m.onnx")
     assert r.exit_code == 2 and "refit with --precision float32" in r.output
     assert not (tmp_path / "m.onnx").exists()
+    rgb = next((tiny_root / cat / "test").glob("*/rgb/000.png"))
+    xyz = rgb.parent.parent / "xyz" / "000.tiff"
+    r = _run("predict", "--model", tmp_path / "m", "--rgb", rgb, "--xyz", xyz, "--out",
+             tmp_path / "p", "--runtime", "onnx", "--cache", tmp_path / "c", "--quiet")
+    assert r.exit_code == 2 and "use the torch runtime" in r.output, r.output
+    assert "Traceback" not in r.output
     for cmd in (("fit", "--data", tiny_root, "--category", cat, "--out", tmp_path / "m2"),
                 ("bench", "--data", tiny_root, "--out", tmp_path / "r")):
         r = _run(*cmd, "--precision", "half", "--quiet")
-        assert r.exit_code == 2 and "precision must be one of" in r.output, r.output
+        assert r.exit_code == 2 and "--precision must be one of" in r.output, r.output
         assert "Traceback" not in r.output
     assert not (tmp_path / "m2").exists() and not (tmp_path / "r").exists()
+
+
+def test_bench_config_and_precision_are_the_base_and_recorded_as_run(tmp_path):
+    """bench --config/--precision reach the run (and the --scale cost curve); the file's size
+    and seed apply unless --size/--seed are given; results.json records what ran."""
+    from fixture_mvtec import make_mvtec_like_tree
+
+    make_mvtec_like_tree(tmp_path / "data", size=(120, 160), modalities=("rgb",), n_train=3,
+                         n_validation=2)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("size: 64\nseed: 3\nbank_fraction: 0.5\n")
+    r = _run("bench", "--data", tmp_path / "data", "--out", tmp_path / "r", "--config", cfg,
+             "--precision", "bfloat16", "--methods", "rgb-bank", "--cache", tmp_path / "c",
+             "--quiet")
+    assert r.exit_code == 0, r.output
+    run = json.loads((tmp_path / "r" / "results.json").read_text())["config"]
+    assert (run["size"], run["seed"], run["bank_fraction"]) == (64, 3, 0.5)
+    assert run["rgb"]["precision"] == "bfloat16"
+    r = _run("bench", "--data", tmp_path / "data", "--out", tmp_path / "cc", "--config", cfg,
+             "--precision", "bfloat16", "--methods", "rgb-bank", "--scale", "2", "--size", 96,
+             "--quiet")
+    assert r.exit_code == 0, r.output
+    run = json.loads((tmp_path / "cc" / "results.json").read_text())["config"]
+    assert (run["size"], run["seed"], run["rgb"]["precision"]) == (96, 3, "bfloat16")

@@ -344,3 +344,15 @@ def test_bad_precision_and_onnx_with_bfloat16_are_refused() -> None:
         RGBConfig(size=SIZE, precision="float16")
     with pytest.raises(ConfigError, match="ONNX runtime computes RGB features in float32"):
         RGBExtractor(RGBConfig(size=SIZE, precision="bfloat16"), runtime="onnx")
+
+
+def test_emulated_bfloat16_is_warned_once(monkeypatch, caplog) -> None:
+    monkeypatch.setattr(rgbmod, "bfloat16_native", lambda: False)
+    rgbmod._warn_emulated.cache_clear()
+    with caplog.at_level("WARNING", logger="cmad.features.rgb"):
+        RGBExtractor(RGBConfig(size=64, precision="bfloat16"))
+        RGBExtractor(RGBConfig(size=64, precision="bfloat16"))
+        RGBExtractor(RGBConfig(size=64))
+    warned = [r for r in caplog.records if "no native bfloat16" in r.getMessage()]
+    assert len(warned) == 1
+    rgbmod._warn_emulated.cache_clear()

@@ -536,7 +536,10 @@ def run_bench(
         cache_dir = default_cache_dir()
     results: dict = {"methods": {m: {"categories": {}, "per_defect": {}} for m in methods},
                      "shots": {}, "machine": machine_info(threads),
-                     "config": DetectorConfig().to_dict() if base is None else base.to_dict(),
+                     # as run: the base with the bench's size and seed (each method then
+                     # sets its own fields, named in "descriptions")
+                     "config": (base or DetectorConfig()).with_overrides(
+                         {"size": size, "seed": seed}).to_dict(),
                      "created": _dt.datetime.now().isoformat(timespec="seconds"),
                      "command": " ".join(sys.argv), "descriptions": {m: METHODS[m][1] for m in methods}}
     per_method_eff: dict[str, list[dict]] = {m: [] for m in methods}

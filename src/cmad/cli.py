@@ -240,7 +240,13 @@ def features(
 
 def _precision(precision: str | None) -> dict:
     """The config override of --precision (none when not given)."""
-    return {} if precision is None else {"rgb": {"precision": precision}}
+    from cmad.features.rgb import PRECISIONS
+
+    if precision is None:
+        return {}
+    if precision not in PRECISIONS:
+        raise CmadError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return {"rgb": {"precision": precision}}
 
 
 def _load_config(config: Path | None, overrides: dict) -> DetectorConfig:  # noqa: F821
@@ -593,11 +599,13 @@ def bench(
     config: Path | None = typer.Option(
         None, "--config", show_default="built-in defaults",
         help="YAML or JSON file setting DetectorConfig fields: the base of every method (each "
-             "method then sets its own fields; --size and --seed apply last)"),
-    size: int = _size_opt(DEFAULT_SIZE),
+             "method then sets its own fields; --size, --seed and --precision, when given, "
+             "apply last)"),
+    size: int | None = _size_opt(None),
     precision: str | None = _precision_opt(),
     cache: Path | None = _cache_opt(),
-    seed: int = typer.Option(0, "--seed", help="random seed: same seed and data, same results"),
+    seed: int | None = typer.Option(None, "--seed", show_default="the config's seed, 0",
+                                    help="random seed: same seed and data, same results"),
     executor: str = typer.Option("local", "--executor", help="local | ray (the [ray] extra)"),
     address: str | None = typer.Option(
         None, "--address", show_default="a private local Ray instance",
@@ -623,8 +631,10 @@ def bench(
     if old_resolution is not None:
         _deprecated("bench --resolution", "--size")
         size = old_resolution
-    _positive("--seed", seed, 0)
-    _size("--size", size)
+    if seed is not None:
+        _positive("--seed", seed, 0)
+    if size is not None:
+        _size("--size", size)
     from cmad.bench import run_bench
 
     try:
@@ -632,6 +642,11 @@ def bench(
                 if config is not None or precision is not None else None)
     except CmadError as exc:
         _fail(exc)
+    # the config file's size and seed unless the flags are given
+    if size is None:
+        size = base.size if base is not None else DEFAULT_SIZE
+    if seed is None:
+        seed = base.seed if base is not None else 0
     if scale is not None:
         from cmad.costcurve import parse_counts, run_cost_curve, table_md
 

@@ -80,8 +80,9 @@ class RGBConfig:
     aggregate: side of the neighbourhood averaged at each grid position (1 = none).
     weights_path: a local weights file instead of the packaged one.
     threads: CPU threads for the forward pass (None = leave torch / ONNX Runtime defaults).
-    precision: "float32", or "bfloat16": the forward pass under torch's CPU autocast
-        (convolutions and matrix products in bfloat16, features returned as float32). Fast
+    precision: "float32", or "bfloat16": the whole truncated pipeline (convolutions, matrix
+        products, the resize and the neighbourhood mean) under torch's CPU autocast, its
+        bfloat16 output widened to float32 (features move by 3-7%, relative norm). Fast
         only on CPUs with native bfloat16 (AVX-512 BF16 or AMX; `bfloat16_native()`): with
         oneDNN held to plain AVX-512 it took 1.8x float32's time, to AVX2 14x (RESULTS.md,
         round 13). The same bits for any thread count and batch size.
@@ -127,6 +128,8 @@ class RGBConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["strides"] = list(self.strides)
+        if d["precision"] == "float32":  # as `DetectorConfig.to_dict`: the default not written
+            del d["precision"]
         return d
 
     @classmethod
@@ -476,6 +479,14 @@ class FeaturePipeline(nn.Module):
 
 
 @functools.cache
+def _warn_emulated() -> None:
+    """Once per process: bfloat16 asked for on a CPU without it."""
+    log.warning("this CPU has no native bfloat16 (AVX-512 BF16 or AMX): the CNN runs emulated, "
+                "slower than with rgb precision float32 (1.8x with plain AVX-512, 14x with AVX2 "
+                "where measured)")
+
+
+@functools.cache
 def bfloat16_native() -> bool:
     """Whether this CPU computes bfloat16 natively (the AVX-512 BF16 or AMX-BF16 flags in
     Linux's /proc/cpuinfo). Elsewhere torch emulates it, slower than float32."""
@@ -543,8 +554,7 @@ class RGBExtractor:
                               "torch runtime")
         self.runtime = runtime
         if self.cfg.precision == "bfloat16" and not bfloat16_native():
-            log.warning("this CPU has no native bfloat16 (AVX-512 BF16 or AMX): the CNN runs "
-                        "emulated, several times slower than with rgb precision float32")
+            _warn_emulated()
         self.backbone = build_backbone(self.cfg)
         self.pipeline = FeaturePipeline(self.backbone, self.cfg.grid, self.cfg.aggregate).eval()
         probe = self._run_torch(np.zeros((1, self.cfg.size, self.cfg.size, 3), np.uint8))

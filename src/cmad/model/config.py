@@ -157,7 +157,12 @@ class DetectorConfig:
                 raise ConfigError(f"weights must be >= 0, got {self.weights}")
 
     def to_dict(self) -> dict[str, Any]:
-        return to_plain(self)
+        d = to_plain(self)
+        # float32, the default, is not written: configs saved before rgb precision existed
+        # and those saved now are the same (older versions refuse keys they do not know)
+        if d["rgb"].get("precision") == "float32":
+            del d["rgb"]["precision"]
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str | None = None) -> DetectorConfig:
