@@ -379,6 +379,26 @@ def test_background_plane_removed_object_kept() -> None:
     assert np.array_equal(keep_all, valid)
 
 
+def test_inlier_counts_match_the_residual_matrix() -> None:
+    """The RANSAC scorer counts, per hypothesis, what the (points x hypotheses) residual
+    matrix counts, also for points placed just inside and just outside the threshold."""
+    from cmad.data.preprocess import _inlier_counts
+
+    rng = np.random.default_rng(4)
+    pts = rng.normal(size=(3000, 3))
+    normals = rng.normal(size=(50, 3))
+    normals /= np.linalg.norm(normals, axis=1)[:, None]
+    ds = rng.normal(size=50) * 0.1
+    # points at distance 0.005 -/+ 1e-9 from hypothesis 0
+    edge = pts[:40] - (pts[:40] @ normals[0] + ds[0])[:, None] * normals[0]
+    off = np.where(np.arange(40) % 2 == 0, 0.005 - 1e-9, 0.005 + 1e-9)
+    pts = np.concatenate([pts, edge + off[:, None] * normals[0]])
+    ref = np.count_nonzero(np.abs(pts @ normals.T + ds) < 0.005, axis=0)
+    got = _inlier_counts(np.ascontiguousarray(pts.T), normals, ds, 0.005)
+    assert np.array_equal(got, ref)
+    assert ref[0] >= 20 and ref.max() > ref.min()
+
+
 def test_largest_component_drops_small_blobs() -> None:
     xyz, valid, obj, _ = _scene()
     xyz[15:20, 15:20, 2] -= 0.02  # a small box 20 mm above the plane, away from the dome

@@ -106,6 +106,36 @@ def test_stages_side_by_side_share_the_threads_and_the_caller_keeps_its_own():
         set_threads(before)
 
 
+def test_blas_runs_on_one_thread_while_stages_run_side_by_side():
+    """OpenBLAS's own threads would take the cores the stages share: one BLAS thread while
+    the stream runs, the thread limit's again after it."""
+    import numpy  # noqa: F401 - loads numpy's OpenBLAS
+    from threadpoolctl import threadpool_info
+
+    from cmad.pipeline import stream_batches
+    from cmad.runtime import set_threads, thread_limit
+
+    def blas() -> set[int]:
+        return {d["num_threads"] for d in threadpool_info() if d["user_api"] == "blas"}
+
+    before = thread_limit()
+    set_threads(2)
+    try:
+        outside = blas()
+        assert outside, "no BLAS library loaded"
+        inside = []
+
+        def step(prep):
+            inside.append(blas())
+            return list(prep), {}
+
+        assert len(list(stream_batches(list(range(6)), 2, list, step, "t", False))) == 3
+        assert inside and all(b == {1} for b in inside)
+        assert blas() == outside
+    finally:
+        set_threads(before)
+
+
 def test_an_error_comes_up_with_its_batch_after_the_ones_before_it():
     import threading
 

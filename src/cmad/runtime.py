@@ -1,8 +1,10 @@
 """Process-wide runtime settings: how many CPU threads every stage may use.
 
-`set_threads(n)` reaches torch (the CNN, the banks, the alignment) and the FPFH kernels
-(whose own `threads` setting, when None, follows this limit). Results do not depend on it.
-`stage_threads(n)` gives one pipeline stage's thread its share of them.
+`set_threads(n)` reaches torch (the CNN, the banks, the alignment), the FPFH kernels
+(whose own `threads` setting, when None, follows this limit) and numpy's and scipy's BLAS
+(OpenBLAS, through threadpoolctl). Results do not depend on it. `stage_threads(n)` gives
+one pipeline stage's thread its share of them; `one_blas_thread()` keeps BLAS on one
+thread while stages run side by side.
 """
 from __future__ import annotations
 
@@ -25,8 +27,10 @@ def set_threads(threads: int | None) -> None:
     _LIMIT = threads
     if threads is not None:
         import torch
+        from threadpoolctl import threadpool_limits
 
         torch.set_num_threads(threads)
+        threadpool_limits(limits=threads, user_api="blas")
 
 
 def thread_limit() -> int | None:
@@ -68,6 +72,19 @@ def stage_threads(n: int) -> Iterator[None]:
         _SHARE.n = before_share
         if before_torch != n:
             torch.set_num_threads(before_torch)
+
+
+@contextlib.contextmanager
+def one_blas_thread() -> Iterator[None]:
+    """numpy's and scipy's BLAS (OpenBLAS) on one thread in the block, process-wide, then
+    back. While pipeline stages run side by side each already has its share of the cores,
+    and OpenBLAS's own threads (which spin while they wait) took them from the others: the
+    stream ran 20% slower with them (RESULTS.md, round 14). Torch's threads are not BLAS
+    threads here and keep their shares."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
 
 
 def pause_point(name: str) -> None:

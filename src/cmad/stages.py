@@ -12,17 +12,20 @@ thread counts.
 A task that starts while other tasks run or wait beside it gets its share of the threads
 (threads // workers: torch's, set per worker thread, and the FPFH kernels',
 `cmad.runtime.cpu_threads`); a task that starts alone takes them all (decided when it
-starts). At most len(stages) batches are read and not yet handed out (two batches may be
-in one stage at once), so memory stays a few batches. An error of any task is raised when
-its batch comes up, after the batches before it have come out.
+starts). With more than one worker, numpy's BLAS runs on one thread until the last batch
+is out (`cmad.runtime.one_blas_thread`). At most len(stages) batches are read and not yet
+handed out (two batches may be in one stage at once), so memory stays a few batches. An
+error of any task is raised when its batch comes up, after the batches before it have
+come out.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from cmad.runtime import stage_threads
+from cmad.runtime import one_blas_thread, stage_threads
 
 
 class _Failed:
@@ -104,6 +107,9 @@ def staged(batches: Sequence[Any], stages: Sequence[Callable[[Any], Any]],
 
     pool = [threading.Thread(target=work, name=f"cmad-stage-{i}", daemon=True)
             for i in range(workers)]
+    blas = contextlib.ExitStack()
+    if workers > 1:
+        blas.enter_context(one_blas_thread())
     try:
         for t in pool:
             t.start()
@@ -129,3 +135,4 @@ def staged(batches: Sequence[Any], stages: Sequence[Callable[[Any], Any]],
             # every torch.set_num_threads also sets the count that threads started later
             # begin with; the workers' shares must not leak into them
             torch.set_num_threads(caller)
+        blas.close()

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numba import njit
 from PIL import Image
 from safetensors import safe_open
 from safetensors.numpy import save as st_save
@@ -130,11 +131,8 @@ def fit_background_plane(
     else:
         normals = normals[ok] / norms[ok, None]
         ds = -np.einsum("ij,ij->i", normals, a[ok])
-        # in place: the same numbers, without three (points x hypotheses) temporaries
-        res = score @ normals.T
-        res += ds
-        np.abs(res, out=res)
-        counts = np.count_nonzero(res < threshold, axis=0)
+        counts = _inlier_counts(np.ascontiguousarray(score.T), np.ascontiguousarray(normals),
+                                np.ascontiguousarray(ds), float(threshold))
         best = int(np.argmax(counts))
         normal, d = normals[best], float(ds[best])
         inliers = np.abs(pts @ normal + d) < threshold
@@ -145,6 +143,22 @@ def fit_background_plane(
     if normal[2] < 0:
         normal, d = -normal, -d
     return normal.astype(np.float64), float(d)
+
+
+@njit(cache=True, nogil=True)
+def _inlier_counts(xyz, normals, ds, threshold):  # noqa: ANN001, ANN202
+    """Per hypothesis j, the points p (columns of the (3, N) `xyz`) with
+    |normals[j] . p + ds[j]| < threshold, in one pass without the (points x hypotheses)
+    residual matrix."""
+    x, y, z = xyz[0], xyz[1], xyz[2]
+    counts = np.zeros(normals.shape[0], np.int64)
+    for j in range(normals.shape[0]):
+        nx, ny, nz, d = normals[j, 0], normals[j, 1], normals[j, 2], ds[j]
+        c = 0
+        for i in range(x.shape[0]):
+            c += abs(x[i] * nx + y[i] * ny + z[i] * nz + d) < threshold
+        counts[j] = c
+    return counts
 
 
 def _lstsq_plane(pts: np.ndarray) -> tuple[np.ndarray, float]:
