@@ -132,6 +132,14 @@ def test_blas_runs_on_one_thread_while_stages_run_side_by_side():
         assert len(list(stream_batches(list(range(6)), 2, list, step, "t", False))) == 3
         assert inside and all(b == {1} for b in inside)
         assert blas() == outside
+        # two streams that overlap: the limit holds until the last one is done
+        first = stream_batches(list(range(6)), 2, list, step, "t", False)
+        second = stream_batches(list(range(6)), 2, list, step, "t", False)
+        next(first)
+        next(second)
+        assert len(list(first)) == 2 and blas() == {1}
+        assert len(list(second)) == 2 and blas() == outside
+        assert all(b == {1} for b in inside)
     finally:
         set_threads(before)
 

@@ -14,6 +14,10 @@ import threading
 from collections.abc import Iterator
 
 _LIMIT: int | None = None
+# `one_blas_thread`: how many blocks are inside it, and the limiter the first one set
+_BLAS_LOCK = threading.Lock()
+_BLAS_USERS = 0
+_BLAS_LIMITER = None
 # Per thread: the threads a pipeline stage running in it may use (`stage_threads`).
 _SHARE = threading.local()
 
@@ -83,8 +87,19 @@ def one_blas_thread() -> Iterator[None]:
     threads here and keep their shares."""
     from threadpoolctl import threadpool_limits
 
-    with threadpool_limits(limits=1, user_api="blas"):
+    global _BLAS_LIMITER, _BLAS_USERS
+    with _BLAS_LOCK:  # streams side by side: the first sets the limit, the last restores it
+        if _BLAS_USERS == 0:
+            _BLAS_LIMITER = threadpool_limits(limits=1, user_api="blas")
+        _BLAS_USERS += 1
+    try:
         yield
+    finally:
+        with _BLAS_LOCK:
+            _BLAS_USERS -= 1
+            if _BLAS_USERS == 0 and _BLAS_LIMITER is not None:
+                _BLAS_LIMITER.restore_original_limits()
+                _BLAS_LIMITER = None
 
 
 def pause_point(name: str) -> None:
