@@ -173,6 +173,12 @@ def method_config(name: str, seed: int, size: int, base: DetectorConfig | None =
     return (base or DetectorConfig()).with_overrides({**METHODS[name][0], "seed": seed, "size": size})
 
 
+def config_as_run(base: DetectorConfig | None, seed: int, size: int) -> dict:
+    """What results.json records: the base configuration with the run's size and seed (each
+    method then sets its own fields, named in "descriptions")."""
+    return (base or DetectorConfig()).with_overrides({"size": size, "seed": seed}).to_dict()
+
+
 def _runnable(cfg: DetectorConfig, modalities: Sequence[str]) -> bool:
     """True if at least one of the method's branches can run on these modalities."""
     return bool(active_branches(cfg.branches, modalities, cfg))
@@ -525,9 +531,8 @@ def run_bench(
     methods = list(methods or DEFAULT_METHODS)
     for m in methods:
         cfg = method_config(m, seed, size, base)  # fail early on unknown names
-        if onnx and cfg.rgb.precision != "float32":
-            raise ConfigError(f"--onnx: the ONNX graph computes CNN features in float32, but "
-                              f"{m}'s are {cfg.rgb.precision} (rgb precision)")
+        if onnx:
+            cfg.rgb.require_float32(f"{m}'s", where="--onnx: ")
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out}: report folder exists and is not empty; each run writes a new one")
@@ -536,10 +541,7 @@ def run_bench(
         cache_dir = default_cache_dir()
     results: dict = {"methods": {m: {"categories": {}, "per_defect": {}} for m in methods},
                      "shots": {}, "machine": machine_info(threads),
-                     # as run: the base with the bench's size and seed (each method then
-                     # sets its own fields, named in "descriptions")
-                     "config": (base or DetectorConfig()).with_overrides(
-                         {"size": size, "seed": seed}).to_dict(),
+                     "config": config_as_run(base, seed, size),
                      "created": _dt.datetime.now().isoformat(timespec="seconds"),
                      "command": " ".join(sys.argv), "descriptions": {m: METHODS[m][1] for m in methods}}
     per_method_eff: dict[str, list[dict]] = {m: [] for m in methods}

@@ -198,10 +198,7 @@ def export_bytes(det: Detector) -> bytes:
         raise ConfigError("ONNX export needs the onnx package: pip install 'cmad[onnx]'") from None
     if not det.core.branches:
         raise ConfigError("the detector has not been fitted or loaded")
-    if det.config.rgb.precision != "float32":
-        raise ConfigError(f"this model's CNN features are {det.config.rgb.precision} (rgb "
-                          "precision) and the ONNX graph computes them in float32: use the "
-                          "torch runtime, or refit with --precision float32 to export it")
+    det.config.rgb.require_float32("this model's CNN features")
     graph = ModelGraph(det).eval()
     names = graph.inputs
     dynamic = {n: {0: "batch"} for n in (*names, *OUTPUTS)}

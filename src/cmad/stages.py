@@ -107,32 +107,29 @@ def staged(batches: Sequence[Any], stages: Sequence[Callable[[Any], Any]],
 
     pool = [threading.Thread(target=work, name=f"cmad-stage-{i}", daemon=True)
             for i in range(workers)]
-    blas = contextlib.ExitStack()
-    if workers > 1:
-        blas.enter_context(one_blas_thread())
-    try:
-        for t in pool:
-            t.start()
-        for k in range(n):
-            with cv:
-                while stage[k] < last:
-                    cv.wait()
-                out = value.pop(k)
-                state["out"] = k + 1
-                cv.notify_all()
-            if isinstance(out, _Failed):
-                raise out.exc
-            yield out
-    finally:
-        with cv:
-            state["closed"] = True
-            cv.notify_all()
-        me = threading.current_thread()
-        if me not in pool:  # a generator finalised by the garbage collector on a worker
+    with one_blas_thread() if workers > 1 else contextlib.nullcontext():
+        try:
             for t in pool:
-                if t.is_alive():
-                    t.join()
-            # every torch.set_num_threads also sets the count that threads started later
-            # begin with; the workers' shares must not leak into them
-            torch.set_num_threads(caller)
-        blas.close()
+                t.start()
+            for k in range(n):
+                with cv:
+                    while stage[k] < last:
+                        cv.wait()
+                    out = value.pop(k)
+                    state["out"] = k + 1
+                    cv.notify_all()
+                if isinstance(out, _Failed):
+                    raise out.exc
+                yield out
+        finally:
+            with cv:
+                state["closed"] = True
+                cv.notify_all()
+            me = threading.current_thread()
+            if me not in pool:  # a generator finalised by the garbage collector on a worker
+                for t in pool:
+                    if t.is_alive():
+                        t.join()
+                # every torch.set_num_threads also sets the count that threads started later
+                # begin with; the workers' shares must not leak into them
+                torch.set_num_threads(caller)

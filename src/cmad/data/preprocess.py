@@ -131,8 +131,7 @@ def fit_background_plane(
     else:
         normals = normals[ok] / norms[ok, None]
         ds = -np.einsum("ij,ij->i", normals, a[ok])
-        counts = _inlier_counts(np.ascontiguousarray(score.T), np.ascontiguousarray(normals),
-                                np.ascontiguousarray(ds), float(threshold))
+        counts = _inlier_counts(np.ascontiguousarray(score.T), normals, ds, float(threshold))
         best = int(np.argmax(counts))
         normal, d = normals[best], float(ds[best])
         inliers = np.abs(pts @ normal + d) < threshold

@@ -125,10 +125,17 @@ class RGBConfig:
         side = self.size // min(self.strides)
         return (side, side)
 
+    def require_float32(self, whose: str, where: str = "") -> None:
+        """ONNX (export and runtime) computes the CNN in float32: refuse other precisions."""
+        if self.precision != "float32":
+            raise ConfigError(f"{where}the ONNX runtime computes RGB features in float32, but "
+                              f"{whose} are {self.precision} (rgb precision): use the torch "
+                              "runtime, or refit with --precision float32 for ONNX")
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["strides"] = list(self.strides)
-        if d["precision"] == "float32":  # as `DetectorConfig.to_dict`: the default not written
+        if d["precision"] == "float32":  # the default, not written: older versions refuse it
             del d["precision"]
         return d
 
@@ -548,10 +555,8 @@ class RGBExtractor:
         self.cfg = cfg if cfg is not None else RGBConfig()
         if runtime not in RUNTIMES:
             raise ConfigError(f"rgb runtime must be one of {RUNTIMES}, got {runtime!r}")
-        if runtime == "onnx" and self.cfg.precision != "float32":
-            raise ConfigError(f"the ONNX runtime computes RGB features in float32; these "
-                              f"features are {self.cfg.precision} (rgb precision): use the "
-                              "torch runtime")
+        if runtime == "onnx":
+            self.cfg.require_float32("these features")
         self.runtime = runtime
         if self.cfg.precision == "bfloat16" and not bfloat16_native():
             _warn_emulated()

@@ -157,12 +157,9 @@ class DetectorConfig:
                 raise ConfigError(f"weights must be >= 0, got {self.weights}")
 
     def to_dict(self) -> dict[str, Any]:
-        d = to_plain(self)
-        # float32, the default, is not written: configs saved before rgb precision existed
-        # and those saved now are the same (older versions refuse keys they do not know)
-        if d["rgb"].get("precision") == "float32":
-            del d["rgb"]["precision"]
-        return d
+        # the rgb part as `RGBConfig.to_dict` writes it (float32, the default precision, not
+        # written: configs saved before rgb precision existed and now are the same)
+        return {**to_plain(self), "rgb": self.rgb.to_dict()}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str | None = None) -> DetectorConfig:
