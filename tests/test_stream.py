@@ -144,6 +144,37 @@ def test_blas_runs_on_one_thread_while_stages_run_side_by_side():
         set_threads(before)
 
 
+def test_set_threads_none_gives_torch_and_blas_back_their_own_counts():
+    import numpy  # noqa: F401 - loads numpy's OpenBLAS
+    import torch
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from cmad.runtime import set_threads, thread_limit
+
+    def blas() -> set[int]:
+        return {d["num_threads"] for d in threadpool_info() if d["user_api"] == "blas"}
+
+    before = thread_limit()
+    set_threads(None)
+    torch_own, blas_own = torch.get_num_threads(), blas()
+    # a default of 3 tells a real restore from a coincidence with the limits below
+    with threadpool_limits(limits=3, user_api="blas"):
+        torch.set_num_threads(3)
+        try:
+            set_threads(1)
+            assert torch.get_num_threads() == 1 and blas() == {1} and thread_limit() == 1
+            set_threads(2)
+            assert torch.get_num_threads() == 2 and blas() == {2}
+            set_threads(None)
+            assert torch.get_num_threads() == 3 and blas() == {3} and thread_limit() is None
+            set_threads(None)  # nothing left to restore
+            assert torch.get_num_threads() == 3 and blas() == {3}
+        finally:
+            torch.set_num_threads(torch_own)
+    assert blas() == blas_own
+    set_threads(before)
+
+
 def test_an_error_comes_up_with_its_batch_after_the_ones_before_it():
     import threading
 

@@ -14,6 +14,9 @@ import threading
 from collections.abc import Iterator
 
 _LIMIT: int | None = None
+# what the first limit replaced: torch's thread count and the BLAS limiter that restores
+# BLAS's own counts (`set_threads(None)` puts both back)
+_DEFAULTS: tuple[int, object] | None = None
 # `one_blas_thread`: how many blocks are inside it, and the limiter the first one set
 _BLAS_LOCK = threading.Lock()
 _BLAS_USERS = 0
@@ -23,18 +26,31 @@ _SHARE = threading.local()
 
 
 def set_threads(threads: int | None) -> None:
-    """Limit every stage to `threads` CPU threads (None: the library defaults)."""
-    global _LIMIT
+    """Limit every stage to `threads` CPU threads; None gives torch and BLAS back the thread
+    counts they had before the first limit (the library defaults). Not meant to be called
+    while a stream runs: its one BLAS thread (`one_blas_thread`) would be overridden."""
+    global _LIMIT, _DEFAULTS
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
                                 or threads < 1):
         raise ValueError(f"threads must be a positive integer, got {threads!r}")
     _LIMIT = threads
-    if threads is not None:
-        import torch
-        from threadpoolctl import threadpool_limits
+    if threads is None:
+        if _DEFAULTS is not None:
+            import torch
 
-        torch.set_num_threads(threads)
-        threadpool_limits(limits=threads, user_api="blas")
+            torch_threads, blas = _DEFAULTS
+            _DEFAULTS = None
+            torch.set_num_threads(torch_threads)
+            blas.restore_original_limits()  # type: ignore[attr-defined]
+        return
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    torch_before = torch.get_num_threads()
+    blas = threadpool_limits(limits=threads, user_api="blas")
+    if _DEFAULTS is None:
+        _DEFAULTS = (torch_before, blas)
+    torch.set_num_threads(threads)
 
 
 def thread_limit() -> int | None:
