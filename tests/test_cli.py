@@ -131,6 +131,17 @@ def test_bench_on_mvtec_shaped_fixture(mvtec_like_root, tmp_path):
         assert 0 <= dec["fpr"] <= 1 and 0 <= dec["fnr"] <= 1 and dec["target_fpr"] == 0.01
         assert set(row["decision_mean"]) >= {"fpr", "fnr"}
     assert 0 < res["methods"]["cmad"]["bank_bytes"] < res["methods"]["cmad"]["model_bytes"]
+    # cmad against each other method on the same test parts
+    comp = res["comparison"]
+    assert comp["reference"] == "cmad" and set(comp["methods"]) == {"rgb-bank", "xyz-bank", "btf"}
+    labels = res["test_labels"]["tire_like"]
+    assert len(res["methods"]["btf"]["test_scores"]["tire_like"]) == len(labels)
+    for m, d in comp["methods"].items():
+        gap = (res["methods"]["cmad"]["categories"]["tire_like"]["I-AUROC"]
+               - res["methods"][m]["categories"]["tire_like"]["I-AUROC"])
+        assert d["mean"] == pytest.approx(gap, abs=1e-12) and d["low"] <= d["high"]
+    assert (out / "tables" / "comparison.csv").exists()
+    assert "cmad - btf:" in r.output
     assert res["config"]["size"] == 224 and res["config"]["seed"] == 0  # as run
     assert (out / "index.html").exists()
     assert (out / "tables" / "i-auroc.md").exists()

@@ -345,3 +345,58 @@ def test_write_anomaly_maps_rejects_bad_items(tmp_path: Path) -> None:
         )
     with pytest.raises(ValueError, match="NaN"):
         write_anomaly_maps(tmp_path, "tire", [("cut", "002", np.full((2, 3), np.nan))])
+
+
+def test_image_auroc_difference_is_a_paired_bootstrap_of_the_auroc_difference() -> None:
+    from cmad.metrics import image_auroc_difference
+
+    rng = np.random.default_rng(3)
+    labels = [np.r_[np.zeros(8), np.ones(20)], np.r_[np.ones(12), np.zeros(6)]]
+    a = [y + rng.normal(0, 1, y.size) for y in labels]
+    b = [0.5 * y + rng.normal(0, 1, y.size) for y in labels]
+    a[0][:3] = b[0][:3] = 0.25  # ties inside and across the methods
+    out = image_auroc_difference(labels, a, b, n_boot=300, seed=7)
+    point = np.mean([image_auroc(y, x) - image_auroc(y, z) for y, x, z in zip(labels, a, b)])
+    assert out["mean"] == pytest.approx(point, abs=1e-12)
+    # the same replicates drawn part by part: each category's defective then good parts,
+    # every replicate scored by image_auroc on the redrawn parts
+    check = np.random.default_rng(7)
+    reps = []
+    for y, x, z in zip(labels, a, b):
+        pos, neg = np.flatnonzero(y > 0), np.flatnonzero(y <= 0)
+        w1 = check.multinomial(pos.size, np.full(pos.size, 1 / pos.size), size=300)
+        w0 = check.multinomial(neg.size, np.full(neg.size, 1 / neg.size), size=300)
+        rows = []
+        for c1, c0 in zip(w1, w0):
+            idx = np.r_[np.repeat(pos, c1), np.repeat(neg, c0)]
+            rows.append(image_auroc(y[idx], x[idx]) - image_auroc(y[idx], z[idx]))
+        reps.append(rows)
+    boot = np.mean(reps, axis=0)
+    assert out["low"] == pytest.approx(np.quantile(boot, 0.025), abs=1e-12)
+    assert out["high"] == pytest.approx(np.quantile(boot, 0.975), abs=1e-12)
+    assert out["p_not_above"] == pytest.approx(np.mean(boot <= 0))
+    assert out["low"] < out["mean"] < out["high"]
+    assert image_auroc_difference(labels, a, b, n_boot=300, seed=7) == out  # deterministic
+
+
+def test_image_auroc_difference_edge_cases() -> None:
+    from cmad.metrics import image_auroc_difference
+
+    y = [np.r_[np.zeros(5), np.ones(5)]]
+    s = [np.arange(10.0)]
+    same = image_auroc_difference(y, s, s, n_boot=50)
+    assert same == {"mean": 0.0, "low": 0.0, "high": 0.0, "p_not_above": 1.0}
+    # a perfect detector against a useless one: every replicate says so
+    flat = image_auroc_difference(y, s, [np.zeros(10)], n_boot=50)
+    assert flat["mean"] == 0.5 and flat["low"] == 0.5 and flat["p_not_above"] == 0.0
+    # a one-class category is left out; none left gives nan
+    both = image_auroc_difference([*y, np.ones(4)], [*s, np.ones(4)], [np.zeros(10), np.ones(4)],
+                                  n_boot=50)
+    assert both["mean"] == 0.5
+    assert math.isnan(image_auroc_difference([np.ones(3)], [np.ones(3)], [np.ones(3)])["mean"])
+    with pytest.raises(ValueError, match="label lists"):
+        image_auroc_difference(y, s, [])
+    with pytest.raises(ValueError, match="category 0"):
+        image_auroc_difference(y, [np.arange(9.0)], s)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        image_auroc_difference(y, [np.r_[np.nan, np.arange(9.0)]], s)

@@ -323,6 +323,27 @@ def test_summary_text() -> None:
     assert "vs btf" not in summary_text(res)
 
 
+def test_comparison_table_and_summary_lines(tmp_path: Path) -> None:
+    res = _results()
+    res["comparison"] = {"reference": "cmad", "metric": "I-AUROC", "level": 0.95, "n_boot": 2000,
+                         "methods": {"btf": {"mean": 0.0183, "low": -0.0121, "high": 0.0475,
+                                             "p_not_above": 0.12, "categories": 2}}}
+    write_report(tmp_path / "r", res, [], quiet=True)
+    rows = _md_rows(tmp_path / "r" / "tables" / "comparison.md")
+    assert rows[0][:3] == ["Method", "cmad minus method, mean I-AUROC", "95% interval"]
+    assert rows[1] == ["btf", "+0.018", "[-0.012, +0.048]", "12%", "2"]
+    with open(tmp_path / "r" / "tables" / "comparison.csv") as f:
+        (row,) = list(csv.DictReader(f))
+    assert float(row["low"]) == -0.0121 and row["reference"] == "cmad"
+    assert "paired bootstrap" in (tmp_path / "r" / "details.html").read_text()
+    line = [x for x in summary_text(res).splitlines() if x.startswith("cmad - btf")]
+    assert line == ["cmad - btf: +0.018 I-AUROC (95% interval [-0.012, +0.048], paired "
+                    "bootstrap over the test parts)"]
+    assert not (tmp_path / "r2").exists()
+    write_report(tmp_path / "r2", _results(), [], quiet=True)  # no comparison: no table
+    assert not (tmp_path / "r2" / "tables" / "comparison.md").exists()
+
+
 def test_without_baseline_or_shots(tmp_path: Path) -> None:
     res = _results()
     del res["methods"]["btf"]

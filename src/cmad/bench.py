@@ -309,6 +309,9 @@ def run_method(name: str, cd: CategoryData, seed: int, size: int, ext: FeatureEx
     row = {
         "decision": decision_rates(det.decision, preds, cd.gts),
         "category": cd.name,
+        # per test part, in the split's order: the paired comparison of methods
+        "test_scores": [float(p.score) for p in preds],
+        "test_labels": [int(np.any(g)) for g in cd.gts],
         "metrics": None if ev is None else ev.metrics,
         "per_defect": None if ev is None else ev.per_defect,
         "fit_s": cd.shared_fit_s + fit_s,
@@ -395,12 +398,43 @@ def time_stream(det: Detector, cd: CategoryData, folder: Path) -> dict:
             "wall_s": wall, "load_average": [None if x is None else x[0] for x in (before, after)]}
 
 
+# replicates of the paired bootstrap of `compare_methods` (about 20 ms for five categories)
+BOOTSTRAP_REPLICATES = 2000
+
+
 def _mean(rows: list[dict]) -> dict:
     """Mean over categories, ignoring categories a method could not run on (NaN)."""
     out = {}
     for m in METRICS:
         vals = [r[m] for r in rows if r[m] is not None and np.isfinite(r[m])]
         out[m] = float(np.mean(vals)) if vals else float("nan")
+    return out
+
+
+def compare_methods(results: dict, reference: str = "cmad", seed: int = 0) -> dict | None:
+    """The reference method (cmad, else the first method) against each other method: the
+    mean I-AUROC difference over the categories both ran on, with a 95% paired bootstrap
+    interval over the test parts (`cmad.metrics.image_auroc_difference`). None with fewer
+    than two methods or no per-part scores."""
+    from cmad.metrics import image_auroc_difference
+
+    scored = {m: e["test_scores"] for m, e in results["methods"].items() if e.get("test_scores")}
+    labels = results.get("test_labels") or {}
+    if reference not in scored:
+        reference = next(iter(scored), reference)
+    if len(scored) < 2 or reference not in scored:
+        return None
+    out: dict = {"reference": reference, "metric": "I-AUROC", "level": 0.95,
+                 "n_boot": BOOTSTRAP_REPLICATES, "methods": {}}
+    ref = scored[reference]
+    for m, per in scored.items():
+        if m == reference:
+            continue
+        cats = [c for c in ref if c in per]
+        diff = image_auroc_difference([labels[c] for c in cats], [ref[c] for c in cats],
+                                      [per[c] for c in cats], n_boot=BOOTSTRAP_REPLICATES,
+                                      seed=seed)
+        out["methods"][m] = {**diff, "categories": len(cats)}
     return out
 
 
@@ -583,6 +617,8 @@ def run_bench(
             res["categories"][c] = row["metrics"]
             res["per_defect"][c] = row["per_defect"]
             res.setdefault("decision", {})[c] = row["decision"]
+            res.setdefault("test_scores", {})[c] = row["test_scores"]
+            results.setdefault("test_labels", {})[c] = row["test_labels"]
             per_method_eff[m].append(row)
         panels.extend(got["panels"])
         for k, by_method in got["shots"].items():
@@ -627,6 +663,7 @@ def run_bench(
                                             if "stream" in r}}
         loads = [x for r in rows for x in r["load_average"] if x is not None]
         res["load_average"] = [min(loads), max(loads)] if loads else None
+    results["comparison"] = compare_methods(results, seed=seed)
     for k, by_method in shot_rows.items():
         results["shots"][k] = {m: {"categories": cats_, "mean": _mean(list(cats_.values()))}
                                for m, cats_ in by_method.items()}

@@ -29,6 +29,7 @@ from cmad.report.tables import (
     METRICS,
     Table,
     as_float,
+    comparison_table,
     decision_table,
     efficiency_table,
     few_shot_table,
@@ -73,7 +74,8 @@ def write_report(out_dir: Path, results: dict, panels: list[dict], *,
     per_defect = per_defect_tables(results)
     few_shot = few_shot_table(results)
     headline = headline_table(results)
-    decisions = [t for t in (decision_table(results), targets_table(results)) if t is not None]
+    decisions = [t for t in (decision_table(results), targets_table(results),
+                              comparison_table(results)) if t is not None]
     files: list[tuple[str, str]] = [("results.json", "all numbers, for scripts"),
                                     ("tables.md", "every table in one markdown file")]
     for t in [*metric_tables, efficiency, *decisions]:
