@@ -126,7 +126,7 @@ def main() -> None:
         cats = " ".join(f"{c} {v['I']:.3f}/{v['PRO']:.3f}" for c, v in per.items())
         print(f"{args.data.name} {args.label} {m}: " + " ".join(f"{k} {v:.4f}" for k, v in mean.items())
               + f" | {cats}", flush=True)
-    ref, *others = list(scored)
+    ref, *others = list(scored) or [None]
     for m in others:
         cats = [c for c in scored[ref] if c in scored[m]]
         d = image_auroc_difference([scored[ref][c][0] for c in cats],

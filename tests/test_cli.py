@@ -136,10 +136,13 @@ def test_bench_on_mvtec_shaped_fixture(mvtec_like_root, tmp_path):
     assert comp["reference"] == "cmad" and set(comp["methods"]) == {"rgb-bank", "xyz-bank", "btf"}
     labels = res["test_labels"]["tire_like"]
     assert len(res["methods"]["btf"]["test_scores"]["tire_like"]) == len(labels)
-    for m, d in comp["methods"].items():
-        gap = (res["methods"]["cmad"]["categories"]["tire_like"]["I-AUROC"]
-               - res["methods"][m]["categories"]["tire_like"]["I-AUROC"])
-        assert d["mean"] == pytest.approx(gap, abs=1e-12) and d["low"] <= d["high"]
+    for m, row in comp["methods"].items():
+        for k in ("I-AUROC", "AUPRO@30%"):
+            gap = (res["methods"]["cmad"]["categories"]["tire_like"][k]
+                   - res["methods"][m]["categories"]["tire_like"][k])
+            d = row[k]
+            assert d["mean"] == pytest.approx(gap, abs=1e-12) and d["low"] <= d["high"]
+    assert all("pro_summary" not in json.dumps(e) for e in res["methods"].values())
     assert (out / "tables" / "comparison.csv").exists()
     assert "cmad - btf:" in r.output
     assert res["config"]["size"] == 224 and res["config"]["seed"] == 0  # as run

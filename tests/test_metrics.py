@@ -385,14 +385,16 @@ def test_image_auroc_difference_edge_cases() -> None:
     y = [np.r_[np.zeros(5), np.ones(5)]]
     s = [np.arange(10.0)]
     same = image_auroc_difference(y, s, s, n_boot=50)
-    assert same == {"mean": 0.0, "low": 0.0, "high": 0.0, "p_not_above": 1.0}
+    assert same == {"mean": 0.0, "low": 0.0, "high": 0.0, "p_not_above": 1.0, "categories": 1}
     # a perfect detector against a useless one: every replicate says so
     flat = image_auroc_difference(y, s, [np.zeros(10)], n_boot=50)
     assert flat["mean"] == 0.5 and flat["low"] == 0.5 and flat["p_not_above"] == 0.0
     # a one-class category is left out; none left gives nan
     both = image_auroc_difference([*y, np.ones(4)], [*s, np.ones(4)], [np.zeros(10), np.ones(4)],
                                   n_boot=50)
-    assert both["mean"] == 0.5
+    assert both["mean"] == 0.5 and both["categories"] == 1
+    with pytest.raises(ValueError, match="n_boot"):
+        image_auroc_difference(y, s, s, n_boot=10.0)
     assert math.isnan(image_auroc_difference([np.ones(3)], [np.ones(3)], [np.ones(3)])["mean"])
     with pytest.raises(ValueError, match="label lists"):
         image_auroc_difference(y, s, [])
@@ -400,3 +402,63 @@ def test_image_auroc_difference_edge_cases() -> None:
         image_auroc_difference(y, [np.arange(9.0)], s)
     with pytest.raises(ValueError, match="NaN or inf"):
         image_auroc_difference(y, [np.r_[np.nan, np.arange(9.0)]], s)
+
+
+def _region_maps(n: int = 24, seed: int = 0) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    gts, maps = [], []
+    for i in range(n):
+        g = np.zeros((60, 80), bool)
+        if i % 3:
+            y, x = rng.integers(5, 40), rng.integers(5, 60)
+            g[y:y + rng.integers(2, 15), x:x + rng.integers(2, 15)] = True
+            if i % 2:
+                g[50:55, 3:9] = True  # a second region
+        gts.append(g)
+        maps.append(rng.normal(0, 1, g.shape).astype(np.float32) + g * rng.uniform(0.3, 2.0))
+    return gts, maps
+
+
+def test_pro_summary_gives_the_aupro_of_any_resample_of_the_images() -> None:
+    from cmad.metrics import aupro_replicates, pro_summary, resample_weights
+
+    gts, maps = _region_maps()
+    summary = pro_summary(gts, maps, limit=0.3)
+    once = np.ones((1, len(gts)))
+    exact = aupro(gts, maps, 0.3)
+    # 500 thresholds: the trapezoids between them cost almost nothing
+    assert aupro_replicates(summary, once)[0] == pytest.approx(exact, abs=1e-4)
+    # normal pixels counted on a sample of 1,000 per image (a fifth of these small maps)
+    sampled = pro_summary(gts, maps, limit=0.3, per_image=1000)
+    assert sampled.normal.tolist() == summary.normal.tolist()
+    assert aupro_replicates(sampled, once)[0] == pytest.approx(exact, abs=3e-3)
+    defective = np.array([g.any() for g in gts])
+    w = resample_weights(defective, 6, np.random.default_rng(2))
+    # each replicate keeps as many defective and good images as the set has
+    assert (w[:, defective].sum(1) == defective.sum()).all()
+    assert (w[:, ~defective].sum(1) == (~defective).sum()).all()
+    got = aupro_replicates(summary, w)
+    for row, value in zip(w.astype(int), got):
+        idx = np.repeat(np.arange(len(gts)), row)
+        assert value == pytest.approx(aupro([gts[i] for i in idx], [maps[i] for i in idx], 0.3),
+                                      abs=1e-3)
+    assert len(set(np.round(got, 6))) > 1  # the replicates differ
+
+
+def test_aupro_difference_pairs_the_draws() -> None:
+    from cmad.metrics import aupro_difference, pro_summary
+
+    gts, maps = _region_maps(seed=1)
+    worse = [m + np.random.default_rng(9).normal(0, 1.5, m.shape).astype(np.float32)
+             for m in maps]
+    sa, sb = pro_summary(gts, maps), pro_summary(gts, worse)
+    d = aupro_difference([sa], [sb], n_boot=200, seed=4)
+    assert d["mean"] == pytest.approx(aupro(gts, maps, 0.3) - aupro(gts, worse, 0.3), abs=2e-3)
+    assert 0 < d["low"] < d["mean"] < d["high"] and d["p_not_above"] == 0.0
+    assert aupro_difference([sa], [sb], n_boot=200, seed=4) == d
+    same = aupro_difference([sa, sa], [sa, sa], n_boot=50)
+    assert same["mean"] == same["low"] == same["high"] == 0.0
+    good = pro_summary([np.zeros((4, 4), bool)], [np.zeros((4, 4), np.float32)])
+    assert math.isnan(aupro_difference([good], [good])["mean"])
+    with pytest.raises(ValueError, match="same images"):
+        aupro_difference([sa], [pro_summary(gts[:-1], maps[:-1])])

@@ -325,21 +325,27 @@ def test_summary_text() -> None:
 
 def test_comparison_table_and_summary_lines(tmp_path: Path) -> None:
     res = _results()
-    res["comparison"] = {"reference": "cmad", "metric": "I-AUROC", "level": 0.95, "n_boot": 2000,
-                         "methods": {"btf": {"mean": 0.0183, "low": -0.0121, "high": 0.0475,
-                                             "p_not_above": 0.12, "categories": 2}}}
+    res["comparison"] = {"reference": "cmad", "level": 0.95, "n_boot": 2000, "methods": {
+        "btf": {"I-AUROC": {"mean": 0.0183, "low": -0.0121, "high": 0.0475, "p_not_above": 0.12,
+                            "categories": 2},
+                "AUPRO@30%": {"mean": 0.0021, "low": -0.004, "high": 0.0085,
+                              "p_not_above": 0.25, "categories": 2}},
+        "rgb-bank": {"I-AUROC": {"mean": -0.2, "low": -0.3, "high": -0.1, "p_not_above": 1.0,
+                                 "categories": 1}}}}
     write_report(tmp_path / "r", res, [], quiet=True)
     rows = _md_rows(tmp_path / "r" / "tables" / "comparison.md")
-    assert rows[0][:3] == ["Method", "cmad minus method, mean I-AUROC", "95% interval"]
-    assert rows[1] == ["btf", "+0.018", "[-0.012, +0.048]", "12%", "2"]
+    assert rows[0][:2] == ["Method", "cmad minus method, I-AUROC [95% interval]"]
+    assert rows[1] == ["btf", "+0.018 [-0.012, +0.048]", "12%", "+0.002 [-0.004, +0.009]",
+                       "25%", "2"]
+    assert rows[2] == ["rgb-bank", "-0.200 [-0.300, -0.100]", "100%", "n/a", "n/a", "1"]
     with open(tmp_path / "r" / "tables" / "comparison.csv") as f:
-        (row,) = list(csv.DictReader(f))
-    assert float(row["low"]) == -0.0121 and row["reference"] == "cmad"
+        got = list(csv.DictReader(f))
+    assert float(got[0]["i_auroc_low"]) == -0.0121 and got[0]["reference"] == "cmad"
+    assert float(got[0]["aupro_30_high"]) == 0.0085 and got[1]["aupro_30_high"] == ""
     assert "paired bootstrap" in (tmp_path / "r" / "details.html").read_text()
     line = [x for x in summary_text(res).splitlines() if x.startswith("cmad - btf")]
-    assert line == ["cmad - btf: +0.018 I-AUROC (95% interval [-0.012, +0.048], paired "
-                    "bootstrap over the test parts)"]
-    assert not (tmp_path / "r2").exists()
+    assert line == ["cmad - btf: +0.018 [-0.012, +0.048] I-AUROC, +0.002 [-0.004, +0.009] "
+                    "AUPRO@30% (95% paired bootstrap intervals over the test parts)"]
     write_report(tmp_path / "r2", _results(), [], quiet=True)  # no comparison: no table
     assert not (tmp_path / "r2" / "tables" / "comparison.md").exists()
 
@@ -356,6 +362,11 @@ def test_without_baseline_or_shots(tmp_path: Path) -> None:
 
 
 def test_formatting() -> None:
+    from cmad.report.tables import fmt_signed
+
+    # a low end just below 0 keeps its sign: the interval does not clear 0
+    assert fmt_signed(-0.000236) == "-0.000" and fmt_signed(0.0) == "+0.000"
+    assert fmt_signed(0.0183) == "+0.018" and fmt_signed(NAN) == "n/a"
     assert fmt_metric(0.8765) == "0.877"
     assert fmt_metric(0.8764) == "0.876"
     assert fmt_metric(NAN) == "n/a" and fmt_metric(None) == "n/a"

@@ -170,6 +170,7 @@ def test_set_threads_none_gives_torch_and_blas_back_their_own_counts():
             set_threads(None)  # nothing left to restore
             assert torch.get_num_threads() == 3 and blas() == {3}
         finally:
+            set_threads(None)
             torch.set_num_threads(torch_own)
     assert blas() == blas_own
     set_threads(before)

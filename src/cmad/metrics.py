@@ -257,14 +257,14 @@ def image_auroc_difference(
     `n_boot` replicates redraws every category's good parts and its defective parts with
     replacement (separately, so that each replicate keeps both), scores both methods on
     that same draw and averages the differences over categories. `p_not_above`: the share
-    of replicates in which a is not above b. Categories with one class only are left out
-    (nan when none is left). The same seed gives the same interval.
+    of replicates in which a is not above b; `categories`: how many were used (those with
+    one class only are left out; nan when none is left). The same seed gives the same
+    interval.
     """
     if not len(labels) == len(scores_a) == len(scores_b):
         raise ValueError(f"got {len(labels)} label lists but {len(scores_a)} and "
                          f"{len(scores_b)} score lists")
-    if n_boot < 1 or not 0.0 < level < 1.0:
-        raise ValueError(f"need n_boot >= 1 and 0 < level < 1, got {n_boot} and {level}")
+    _check_bootstrap(n_boot, level)
     rng = np.random.default_rng(seed)
     point, reps = [], []
     for i, (y, a, b) in enumerate(zip(labels, scores_a, scores_b)):
@@ -282,15 +282,146 @@ def image_auroc_difference(
         # counts of each part in each replicate: the mean of d over the drawn pairs
         w1 = rng.multinomial(n1, np.full(n1, 1.0 / n1), size=n_boot).astype(np.float64)
         w0 = rng.multinomial(n0, np.full(n0, 1.0 / n0), size=n_boot).astype(np.float64)
-        reps.append(np.einsum("bi,ij,bj->b", w1, d, w0) / (n1 * n0))
+        reps.append(((w1 @ d) * w0).sum(axis=1) / (n1 * n0))
+    return _interval(point, reps, level)
+
+
+def _check_bootstrap(n_boot: int, level: float) -> None:
+    if isinstance(n_boot, bool) or not isinstance(n_boot, int | np.integer) or n_boot < 1:
+        raise ValueError(f"n_boot must be a positive integer, got {n_boot!r}")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be between 0 and 1, got {level}")
+
+
+def _interval(point: list[float], reps: list[np.ndarray], level: float) -> dict[str, float]:
+    """Mean of the per-category differences, the percentile interval of the replicates'
+    means over the categories, the share of replicates at or below 0, and the number of
+    categories used."""
     if not point:
         nan = float("nan")
-        return {"mean": nan, "low": nan, "high": nan, "p_not_above": nan}
+        return {"mean": nan, "low": nan, "high": nan, "p_not_above": nan, "categories": 0}
     boot = np.mean(reps, axis=0)
     tail = (1.0 - level) / 2.0
     return {"mean": float(np.mean(point)), "low": float(np.quantile(boot, tail)),
             "high": float(np.quantile(boot, 1.0 - tail)),
-            "p_not_above": float(np.mean(boot <= 0.0))}
+            "p_not_above": float(np.mean(boot <= 0.0)), "categories": len(point)}
+
+
+@dataclass(frozen=True)
+class ProSummary:
+    """One method's maps of one category reduced to what AUPRO needs at fixed thresholds,
+    per image, so that AUPRO can be recomputed for any resample of the images
+    (`aupro_replicates`). thresholds: (K,) descending; normal_above / region_above: (n, K)
+    the image's normal pixels at or above each threshold, and the sum over its defect
+    regions of the fraction of each region at or above it; normal / regions: (n,) totals."""
+
+    thresholds: np.ndarray
+    normal_above: np.ndarray
+    normal: np.ndarray
+    region_above: np.ndarray
+    regions: np.ndarray
+
+
+def pro_summary(gt_masks: Sequence[np.ndarray], maps: Sequence[np.ndarray], limit: float = 0.3,
+                levels: int = 500, sample: int = 1_000_000, per_image: int = 65_536
+                ) -> ProSummary:
+    """`ProSummary` at `levels` thresholds: the normal pixels' quantiles (of an even sample
+    of at most `sample` of them) at false-positive rates spread evenly from 0 to 1.5 x
+    `limit`, so that a resample's curve still reaches `limit`. Each image's normal pixels
+    are counted on an even sample of at most `per_image` of them (every defect pixel
+    counts). The AUPRO read off the summary of all images differs from the exact one by
+    the trapezoids between thresholds (1e-5 in the tests) and the sampling (1e-3 with
+    24,000 normal pixels sampled in all, 2e-5 with 6.5 million)."""
+    masks, amaps, dtype = _check_pairs(gt_masks, maps)
+    limit = _check_limit(limit)
+    total = sum(int((~m).sum()) for m in masks)
+    if total == 0:
+        raise ValueError("the ground truth has no normal pixels")
+    step = max(1, total // sample)
+    pool = np.concatenate([a.ravel()[::step][~m.ravel()[::step]]
+                           for m, a in zip(masks, amaps)]).astype(np.float64)
+    rates = np.linspace(0.0, min(1.0, 1.5 * limit), levels + 1)[1:]
+    # descending as the rates rise; in the maps' own type, so that no map is converted
+    thresholds = np.quantile(pool, 1.0 - rates).astype(dtype)
+    ascending = np.ascontiguousarray(thresholds[::-1])
+
+    def above(values: np.ndarray) -> np.ndarray:
+        """(K,) how many values are at or above each (descending) threshold."""
+        reached = np.searchsorted(ascending, values, side="right")  # thresholds <= value
+        ge = np.cumsum(np.bincount(reached, minlength=levels + 1)[::-1])[::-1][1:]
+        return ge[::-1].astype(np.float64)
+
+    n = len(masks)
+    normal_above, region_above = np.zeros((n, levels)), np.zeros((n, levels))
+    normal, regions = np.zeros(n), np.zeros(n)
+    for i, (mask, amap) in enumerate(zip(masks, amaps)):
+        # an even sample of at most `per_image` normal pixels, counted at the image's weight
+        values = amap[~mask] if mask.any() else amap.ravel()
+        sub = values[::max(1, values.size // per_image)]
+        normal[i] = float(values.size)
+        normal_above[i] = above(sub) * (values.size / max(1, sub.size))
+        if mask.any():
+            labeled, k = ndimage.label(mask, structure=_EIGHT_CONNECTED)
+            lab = labeled[mask] - 1
+            reached = np.searchsorted(ascending, amap[mask], side="right")
+            # per region and level: pixels that reach exactly that many thresholds
+            cnt = np.bincount(lab * (levels + 1) + reached,
+                              minlength=k * (levels + 1)).reshape(k, levels + 1)
+            ge = np.cumsum(cnt[:, ::-1], axis=1)[:, ::-1][:, 1:]  # at or above, ascending
+            region_above[i] = (ge[:, ::-1] / cnt.sum(axis=1, keepdims=True)).sum(axis=0)
+            regions[i] = float(k)
+    return ProSummary(thresholds, normal_above, normal, region_above, regions)
+
+
+def aupro_replicates(summary: ProSummary, weights: np.ndarray, limit: float = 0.3) -> np.ndarray:
+    """AUPRO@`limit` of each resample of the images: `weights` (B, n) how many times each
+    image is drawn (a row of ones: all images once). Curves from (0, 0) through the
+    summary's thresholds to (1, 1)."""
+    limit = _check_limit(limit)
+    w = np.asarray(weights, dtype=np.float64)
+    fpr = (w @ summary.normal_above) / (w @ summary.normal)[:, None]
+    pro = np.minimum((w @ summary.region_above) / (w @ summary.regions)[:, None], 1.0)
+    zero, one = np.zeros((w.shape[0], 1)), np.ones((w.shape[0], 1))
+    fpr, pro = np.hstack([zero, fpr, one]), np.hstack([zero, pro, one])
+    return np.array([_area_to(x, y, limit) / limit for x, y in zip(fpr, pro)])
+
+
+def resample_weights(defective: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """(n_boot, n) counts of each image in each replicate: the defective images and the
+    good ones redrawn with replacement separately, so that every replicate keeps both."""
+    defective = np.asarray(defective, dtype=bool)
+    w = np.zeros((n_boot, defective.size))
+    for group in (np.flatnonzero(defective), np.flatnonzero(~defective)):
+        if group.size:
+            w[:, group] = rng.multinomial(group.size, np.full(group.size, 1.0 / group.size),
+                                          size=n_boot)
+    return w
+
+
+def aupro_difference(summaries_a: Sequence[ProSummary], summaries_b: Sequence[ProSummary],
+                     limit: float = 0.3, n_boot: int = 2000, level: float = 0.95,
+                     seed: int = 0) -> dict[str, float]:
+    """The AUPRO@`limit` counterpart of `image_auroc_difference`: one `ProSummary` per
+    category for each method, of the same images in the same order. Each replicate redraws
+    every category's defective and good images with replacement (`resample_weights`),
+    recomputes both methods' AUPRO on that draw from the summaries and averages the
+    differences over the categories. `mean` is read off the summaries of all images (within
+    about 1e-3 of the exact metric). Categories without defect regions are left out."""
+    if len(summaries_a) != len(summaries_b):
+        raise ValueError(f"got {len(summaries_a)} and {len(summaries_b)} summaries")
+    _check_bootstrap(n_boot, level)
+    rng = np.random.default_rng(seed)
+    point, reps = [], []
+    for i, (a, b) in enumerate(zip(summaries_a, summaries_b)):
+        if a.regions.size != b.regions.size or not np.array_equal(a.regions > 0, b.regions > 0):
+            raise ValueError(f"category {i}: the two summaries are not of the same images")
+        if not (a.regions > 0).any():
+            continue
+        once = np.ones((1, a.regions.size))
+        point.append(float(aupro_replicates(a, once, limit)[0] - aupro_replicates(b, once, limit)[0]))
+        w = resample_weights(a.regions > 0, n_boot, rng)
+        reps.append(aupro_replicates(a, w, limit) - aupro_replicates(b, w, limit))
+    return _interval(point, reps, level)
 
 
 def pixel_auroc(gt_masks: Sequence[np.ndarray], maps: Sequence[np.ndarray]) -> float:

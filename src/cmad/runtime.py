@@ -14,9 +14,10 @@ import threading
 from collections.abc import Iterator
 
 _LIMIT: int | None = None
-# what the first limit replaced: torch's thread count and the BLAS limiter that restores
-# BLAS's own counts (`set_threads(None)` puts both back)
-_DEFAULTS: tuple[int, object] | None = None
+# what the first limit replaced: torch's thread count, and every BLAS limiter made since
+# (each restores the libraries loaded when it was made, so one loaded later is restored
+# too); `set_threads(None)` puts them back, newest first
+_DEFAULTS: tuple[int, list] | None = None
 # `one_blas_thread`: how many blocks are inside it, and the limiter the first one set
 _BLAS_LOCK = threading.Lock()
 _BLAS_USERS = 0
@@ -38,10 +39,11 @@ def set_threads(threads: int | None) -> None:
         if _DEFAULTS is not None:
             import torch
 
-            torch_threads, blas = _DEFAULTS
+            torch_threads, limiters = _DEFAULTS
             _DEFAULTS = None
             torch.set_num_threads(torch_threads)
-            blas.restore_original_limits()  # type: ignore[attr-defined]
+            for blas in reversed(limiters):
+                blas.restore_original_limits()
         return
     import torch
     from threadpoolctl import threadpool_limits
@@ -49,7 +51,8 @@ def set_threads(threads: int | None) -> None:
     torch_before = torch.get_num_threads()
     blas = threadpool_limits(limits=threads, user_api="blas")
     if _DEFAULTS is None:
-        _DEFAULTS = (torch_before, blas)
+        _DEFAULTS = (torch_before, [])
+    _DEFAULTS[1].append(blas)
     torch.set_num_threads(threads)
 
 

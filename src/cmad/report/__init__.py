@@ -60,7 +60,8 @@ def write_report(out_dir: Path, results: dict, panels: list[dict], *,
                  quiet: bool = False) -> Path:
     """Write the whole report into `out_dir` (created if needed); returns index.html's path.
 
-    Files: results.json, tables.md, tables/<metric>.md|.csv, tables/efficiency.md|.csv,
+    Files: results.json, tables.md, tables/<metric>.md|.csv, tables/comparison.md|.csv (with
+    per-part scores of two or more methods), tables/efficiency.md|.csv,
     tables/per_defect.md|.csv, tables/few_shot.md|.csv (with shots), figures/*.png,
     index.html (the summary: headline table, charts, a few panels) and details.html (every
     table and panel). `quiet` hides the progress bar over panels.
@@ -74,11 +75,12 @@ def write_report(out_dir: Path, results: dict, panels: list[dict], *,
     per_defect = per_defect_tables(results)
     few_shot = few_shot_table(results)
     headline = headline_table(results)
-    decisions = [t for t in (decision_table(results), targets_table(results),
-                              comparison_table(results)) if t is not None]
+    decisions = [t for t in (decision_table(results), targets_table(results)) if t is not None]
+    # the paired comparison belongs with the accuracy tables
+    compared = [t for t in (comparison_table(results),) if t is not None]
     files: list[tuple[str, str]] = [("results.json", "all numbers, for scripts"),
                                     ("tables.md", "every table in one markdown file")]
-    for t in [*metric_tables, efficiency, *decisions]:
+    for t in [*metric_tables, *compared, efficiency, *decisions]:
         _write_table(out / "tables", t)
         files.append((f"tables/{t.slug}.csv", f"{t.title} as CSV"))
     if per_defect:
@@ -98,7 +100,8 @@ def write_report(out_dir: Path, results: dict, panels: list[dict], *,
         _write_text(out / "tables" / "few_shot.md", few_shot.to_markdown(level=2))
         _write_text(out / "tables" / "few_shot.csv", few_shot.to_csv())
         files.append(("tables/few_shot.csv", "few-shot results as CSV"))
-    _write_text(out / "tables.md", _all_tables_md(results, headline, metric_tables, efficiency,
+    _write_text(out / "tables.md", _all_tables_md(results, headline, [*metric_tables, *compared],
+                                                  efficiency,
                                                   per_defect, few_shot, decisions, runtimes,
                                                   throughput))
 
@@ -131,7 +134,7 @@ def write_report(out_dir: Path, results: dict, panels: list[dict], *,
                                src=f"figures/{name}"))
 
     index = out / "index.html"
-    accuracy = [*metric_tables, *decisions, *([runtimes] if runtimes else []),
+    accuracy = [*metric_tables, *compared, *decisions, *([runtimes] if runtimes else []),
                 *([throughput] if throughput else [])]
     files.insert(0, (DETAILS, "every table and all anomaly-map panels"))
     _write_text(out / DETAILS, render_details(results, metric_tables=accuracy,
