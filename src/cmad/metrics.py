@@ -280,9 +280,8 @@ def image_auroc_difference(
         d = _wins(y, a) - _wins(y, b)
         point.append(float(d.mean()))
         # counts of each part in each replicate: the mean of d over the drawn pairs
-        w1 = rng.multinomial(n1, np.full(n1, 1.0 / n1), size=n_boot).astype(np.float64)
-        w0 = rng.multinomial(n0, np.full(n0, 1.0 / n0), size=n_boot).astype(np.float64)
-        reps.append(((w1 @ d) * w0).sum(axis=1) / (n1 * n0))
+        w = resample_weights(y > 0, n_boot, rng)
+        reps.append(((w[:, y > 0] @ d) * w[:, y <= 0]).sum(axis=1) / (n1 * n0))
     return _interval(point, reps, level)
 
 
