@@ -8,7 +8,8 @@ config `--set` gives (a JSON mapping of `DetectorConfig` overrides, e.g.
 '{"geometry": {"smooth": 4}}'), each method is fitted on the training split and
 normalised on the validation normals, and the test split is scored. Metrics are at the
 working resolution (faster than the bench's original-size maps, for comparing variants
-with each other only): I-AUROC, AUPRO@30%, and the I-AUROC of the good parts against
+with each other only; the padding of a non-square image left out, from round 16 on):
+I-AUROC, AUPRO@30%, and the I-AUROC of the good parts against
 the dents alone and the stains alone.
 
 `--ensemble K` (K >= 2; the default 1 adds nothing) adds rows for K mappings trained with
@@ -34,10 +35,12 @@ import torch
 
 
 def _metrics(y: np.ndarray, types: np.ndarray, gts: list, scores: np.ndarray,
-             maps: np.ndarray) -> dict[str, float]:
+             maps: np.ndarray, boxes: list) -> dict[str, float]:
     from cmad.metrics import aupro, image_auroc
 
-    out = {"I": image_auroc(y, scores), "PRO": aupro(gts, list(maps), 0.3)}
+    # maps and masks cropped to the image (the padding of a non-square image left out)
+    out = {"I": image_auroc(y, scores),
+           "PRO": aupro([g[b] for g, b in zip(gts, boxes)], [m[b] for m, b in zip(maps, boxes)], 0.3)}
     for t in ("dent", "stain"):
         k = (types == t) | (y == 0)
         out[t] = image_auroc(y[k], scores[k]) if (types == t).any() else float("nan")
@@ -60,6 +63,7 @@ def main() -> None:
     from cmad.cache import default_cache_dir
     from cmad.configs import DEFAULT_SIZE
     from cmad.data import open_dataset
+    from cmad.evaluate import image_box
     from cmad.metrics import image_auroc_difference
     from cmad.model.config import DetectorConfig
     from cmad.model.fusion import normalise, robust_stats
@@ -82,6 +86,7 @@ def main() -> None:
         y = np.array([p.label for p in cd.test])
         types = np.array([p.defect_type for p in cd.test])
         gts = [p.gt > 0 for p in cd.test]
+        boxes = [image_box(p.geometry.image_mask(*p.gt.shape)) for p in cd.test]
         area = pixel_area(cd.test)
 
         fitted = {}
@@ -90,7 +95,7 @@ def main() -> None:
             det.fit_features(cd.train_fm, cd.calib_fm, cd.calib, cd.modalities, category=c)
             fitted[m] = det
             r = det.core.score(cd.test_fm, area, branch_maps=False)
-            res.setdefault(m, {})[c] = _metrics(y, types, gts, r.scores, r.maps)
+            res.setdefault(m, {})[c] = _metrics(y, types, gts, r.scores, r.maps, boxes)
             scored.setdefault(m, {})[c] = (y, np.asarray(r.scores))
         if args.ensemble > 1:
             ref = fitted.get("cmad") or Detector(method_config("cmad", 0, size, base), extractor=ext)
@@ -118,7 +123,7 @@ def main() -> None:
             for name, w in ((f"mapping x{args.ensemble}", {"mapping": 1.0}),
                             (f"cmad x{args.ensemble}", ref.core.weights)):
                 scores, pix = ref.core.fuse(maps, area, w)
-                res.setdefault(name, {})[c] = _metrics(y, types, gts, scores, pix)
+                res.setdefault(name, {})[c] = _metrics(y, types, gts, scores, pix, boxes)
                 scored.setdefault(name, {})[c] = (y, np.asarray(scores))
 
     for m, per in res.items():

@@ -251,3 +251,58 @@ def test_exported_search_in_blocks_matches_the_bank(dtype):
         got = BankSearch(bank, block=block)(q)
         assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5), block
     assert ref.std() > 0
+
+
+def _brute_scale(entries: torch.Tensor, k: int) -> torch.Tensor:
+    d = torch.cdist(entries.double(), entries.double())
+    d.fill_diagonal_(float("inf"))
+    near = d.topk(k, dim=1, largest=False).values.mean(1)
+    return (near / near.median()).clamp_min(0.25)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "int4"])
+def test_density_scaled_search_matches_brute_force(dtype: str) -> None:
+    """With `density_k`, a query's score is its distance to the nearest entry over that
+    entry's local scale (mean distance to its k nearest other entries / the median of that
+    mean), however the bank is split into blocks, saved and loaded, or exported."""
+    from cmad.model.bank import BankSearch
+
+    g = torch.Generator().manual_seed(21)
+    # a dense cluster and a sparse spread: the entries' local scales differ
+    normal = torch.cat([torch.randn(3000, 8, generator=g) * 0.3,
+                        torch.randn(300, 8, generator=g) * 3.0])
+    q = torch.randn(400, 8, generator=g) * 2.0
+    bank = MemoryBank(fraction=0.05, max_entries=None, min_entries=0, dtype=dtype,
+                      bank_chunk=37, density_k=5).fit(normal)
+    entries = bank.bank
+    scale = _brute_scale(entries, 5)
+    assert torch.allclose(bank.stored["scale"].double(), scale, rtol=1e-4, atol=1e-5)
+    assert scale.max() > 1.5 * scale.min()  # the test has different scales to find
+    d = torch.cdist(q.double(), entries.double())
+    nearest = d.argmin(1)
+    ref = d.min(1).values / scale[nearest]
+    got = bank.score(q)
+    assert torch.allclose(got.double(), ref, rtol=1e-4, atol=1e-4)
+    # not the plain distance
+    plain = MemoryBank(fraction=0.05, max_entries=None, min_entries=0, dtype=dtype).fit(normal)
+    assert not torch.allclose(plain.score(q), got, rtol=1e-2)
+    # one float per entry more, kept with the model
+    assert bank.nbytes == plain.nbytes + 4 * bank.entries
+    again = MemoryBank(bank_chunk=1000)
+    again.load_state_dict(bank.state_dict())
+    assert torch.allclose(again.score(q), got, rtol=1e-6, atol=1e-6)
+    for block in (7, 1024):
+        assert torch.allclose(BankSearch(bank, block=block)(q), got, rtol=1e-5, atol=1e-5)
+    sd = bank.state_dict()
+    sd["scale"] = sd["scale"][:-1]
+    with pytest.raises(KeyError, match="scale"):
+        MemoryBank().load_state_dict(sd)
+    with pytest.raises(ValueError, match="density_k"):
+        MemoryBank(density_k=0)
+
+
+def test_density_scale_of_tiny_banks() -> None:
+    one = MemoryBank(fraction=1.0, min_entries=0, density_k=16).fit(torch.randn(1, 4))
+    assert one.stored["scale"].tolist() == [1.0]
+    few = MemoryBank(fraction=1.0, min_entries=0, density_k=16).fit(torch.randn(3, 4))
+    assert few.stored["scale"].shape == (3,) and torch.isfinite(few.score(torch.randn(5, 4))).all()

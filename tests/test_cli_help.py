@@ -95,3 +95,43 @@ def test_old_option_names_still_work(tmp_path) -> None:
     assert r.exit_code == 2
     assert "synth --size is deprecated; use --preset" in r.output
     assert "--preset must be one of" in r.output and "'nonesuch'" in r.output
+
+
+@pytest.mark.parametrize("argv,says", [
+    (["predict", "--model", "m", "--input", "i", "--threshold", "abc"], "'--threshold'"),
+    (["fitt"], "No such command 'fitt'"),
+    (["fit", "--bogus", "1"], "--bogus"),
+    (["fit"], "Missing option '--data'"),
+])
+def test_bad_usage_is_one_error_line(argv, says, monkeypatch, capsys) -> None:
+    """The console script (`cmad.cli.main`): a bad option value, an unknown command or a
+    missing option is one `error:` line naming it, exit 2, no usage block or traceback."""
+    from cmad.cli import main
+
+    monkeypatch.setattr("sys.argv", ["cmad", *argv])
+    with pytest.raises(SystemExit) as ex:
+        main()
+    err = capsys.readouterr().err
+    assert ex.value.code == 2
+    assert err.startswith("error: ") and err.count("\n") == 1 and says in err, err
+    assert "Traceback" not in err and "Usage:" not in err
+
+
+def test_main_runs_a_command_and_shows_help(monkeypatch, capsys) -> None:
+    from cmad.cli import main
+
+    for argv, code in ((["--help"], 0), ([], 0), (["info", "--data", "/nonexistent"], 2)):
+        monkeypatch.setattr("sys.argv", ["cmad", *argv])
+        with pytest.raises(SystemExit) as ex:
+            main()
+        assert ex.value.code == code, argv
+    out = capsys.readouterr()
+    assert "Usage: " in out.out and "COMMAND" in out.out and "error: /nonexistent" in out.err
+
+
+@pytest.mark.parametrize("command", [["fit", "--data", "d", "--category", "c", "--out", "m"],
+                                     ["features", "--data", "d", "--category", "c"],
+                                     ["bench", "--data", "d", "--out", "o"]])
+def test_a_huge_working_size_is_refused_before_any_work(command) -> None:
+    r = runner.invoke(app, [*command, "--size", "100000"])
+    assert r.exit_code == 2 and "--size must be a multiple of 8 from 32 to 1024" in r.output, r.output

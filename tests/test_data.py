@@ -572,6 +572,16 @@ def test_dataset_info_collects_problems(tmp_path: Path) -> None:
     assert "problems in widget:" in format_info({"categories": {"widget": info}})
 
 
+def test_dataset_info_verify_reads_every_sample(tmp_path: Path) -> None:
+    """A file cut short after its header passes the header check; `verify` reads it whole."""
+    cat_dir = small_tree(tmp_path)
+    png = cat_dir / "train/good/rgb/000.png"
+    png.write_bytes(png.read_bytes()[: len(png.read_bytes()) // 2])
+    assert dataset_info(tmp_path)["categories"]["widget"]["problems"] == []
+    problems = dataset_info(tmp_path, verify=True)["categories"]["widget"]["problems"]
+    assert len(problems) == 1 and "train/good/rgb/000.png: unreadable image" in problems[0]
+
+
 def _reference_far(xyz, valid):
     """Far outliers by the definition, with exact medians over every valid point."""
     from cmad.data.io import FAR_FACTOR, MAX_ABS_COORD
@@ -611,3 +621,22 @@ def test_clean_cloud_matches_exact_medians_on_a_large_cloud(seed):
     assert np.array_equal(valid & ~got_valid, expect)
     assert (got_xyz[expect] == 0).all()
     assert np.array_equal(got_xyz[got_valid], xyz[got_valid])
+
+
+def test_grey_images_of_16_and_32_bits_keep_their_range(tmp_path: Path) -> None:
+    """A 16-bit grey image read as RGB: its values by bit depth, never clipped to white
+    (older Pillow opens 16-bit PNGs as 32-bit mode "I")."""
+    from PIL import Image
+
+    from cmad.data.io import read_rgb
+
+    ramp = (np.arange(64, dtype=np.int64)[None, :] * 1024).repeat(4, 0)  # 0 .. 64,512
+    Image.fromarray(ramp.astype(np.uint16)).save(tmp_path / "g16.png")
+    Image.fromarray(ramp.astype(np.int32), mode="I").save(tmp_path / "g32.tif")
+    small = (np.arange(64, dtype=np.int32)[None, :] * 4).repeat(4, 0)  # 8-bit values in "I"
+    Image.fromarray(small, mode="I").save(tmp_path / "s32.tif")
+    want = (ramp >> 8).astype(np.uint8)
+    for name in ("g16.png", "g32.tif"):
+        got = read_rgb(tmp_path / name)
+        assert got.shape == (4, 64, 3) and np.array_equal(got[:, :, 0], want), name
+    assert np.array_equal(read_rgb(tmp_path / "s32.tif")[:, :, 0], small.astype(np.uint8))

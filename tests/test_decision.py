@@ -2,6 +2,7 @@
 `cmad calibrate`, predicted masks, scores.json, overlays and the bench's error rates."""
 import hashlib
 import json
+import logging
 import math
 import shutil
 from types import SimpleNamespace
@@ -490,3 +491,24 @@ def test_best_tpr_is_a_point_of_the_roc():
     g, b = rng.normal(0, 1, 37), rng.normal(1, 1, 23)
     brute = max((b >= t).mean() for t in np.r_[g, b, np.inf] if (g >= t).mean() <= 0.1)
     assert best_tpr(g, b, 0.1) == pytest.approx(brute)
+
+
+def test_calibrate_checks_rates_first_and_warns_of_another_category(fitted, tmp_path, caplog):
+    model = tmp_path / "m"
+    shutil.copytree(fitted.model, model)
+    before = _digests(model)
+    for bad, says in ((("--fpr", 2), "--fpr must be a rate in (0, 0.5] (0.01 = 1% of normal parts)"),
+                      (("--pixel-fpr", 0), "--pixel-fpr must be a rate in (0, 0.5] (0.01 = 1% of "
+                                           "normal pixels)")):
+        # refused before the model is even read: a folder that is not one would fail later
+        r = _run("calibrate", "--model", tmp_path / "nonesuch", "--data", fitted.root,
+                 "--category", fitted.cat, *bad)
+        assert r.exit_code == 2 and says in r.output, r.output
+    others = sorted(p.name for p in fitted.root.iterdir() if p.is_dir() and p.name != fitted.cat)
+    assert others, "the tiny dataset has a second category"
+    with caplog.at_level(logging.WARNING, logger="cmad"):
+        r = _run("calibrate", "--model", model, "--data", fitted.root, "--category", others[0],
+                 "--out", tmp_path / "m2", "--threads", 1)
+    assert r.exit_code == 0, r.output
+    assert f"fitted on category '{fitted.cat}', not on '{others[0]}'" in caplog.text, caplog.text
+    assert _digests(model) == before

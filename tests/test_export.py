@@ -187,6 +187,14 @@ def test_cli_export_and_predict_runtime_onnx_match_torch(default_export, data, t
             assert ma.shape == mb.shape and np.abs(ma - mb).max() <= TOL
     r = runner.invoke(app, ["export", "--model", str(tmp_path), "--out", str(tmp_path / "y.onnx")])
     assert r.exit_code == 2 and "error:" in r.output
+    # an earlier export is replaced; a user's file is not
+    r = runner.invoke(app, ["export", "--model", str(model), "--out", str(out), "--quiet"])
+    assert r.exit_code == 0, r.output
+    mine = tmp_path / "photo.png"
+    mine.write_bytes(b"\x89PNG not an export")
+    r = runner.invoke(app, ["export", "--model", str(model), "--out", str(mine), "--quiet"])
+    assert r.exit_code == 2 and "not a cmad ONNX export; not overwritten" in r.output, r.output
+    assert mine.read_bytes() == b"\x89PNG not an export"
 
 
 def test_bench_times_both_runtimes_on_the_same_samples(default_export, data, tmp_path):

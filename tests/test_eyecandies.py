@@ -179,6 +179,44 @@ def test_reader_options(tree) -> None:
             EyecandiesOptions(**bad)
 
 
+def test_reader_options_and_depth_range_are_part_of_the_cache_keys(tree, tmp_path) -> None:
+    """Samples read with another depth scale, or after their depth range changed, must not
+    be served the clouds cached for the first reading."""
+    from cmad.data.preprocess import PreprocessConfig, Preprocessor
+
+    cache = tmp_path / "cache"
+    cfg = PreprocessConfig(size=32, remove_background=False)
+
+    def prepared(options: EyecandiesOptions):
+        s = EyecandiesCategory(tree.category, options).samples("train", limit=1)[0]
+        return s, Preprocessor(cfg, cache_dir=cache)(s), Preprocessor(cfg)(s)
+
+    _, cached_a, _ = prepared(EyecandiesOptions())
+    s, cached_b, fresh_b = prepared(EyecandiesOptions(depth_scale=1.0))
+    assert s.paths.reader and s.paths.extra
+    np.testing.assert_array_equal(cached_b.xyz, fresh_b.xyz)
+    assert np.abs(cached_b.xyz).max() == pytest.approx(10 * np.abs(cached_a.xyz).max(), rel=1e-4)
+    # the same reading again: served from the cache
+    key = Preprocessor(cfg, cache_dir=cache)._cache_key(s)
+    assert key is not None and key == Preprocessor(cfg, cache_dir=cache)._cache_key(
+        EyecandiesCategory(tree.category, EyecandiesOptions(depth_scale=1.0)).samples(
+            "train", limit=1)[0])
+    # an edited depth range (the yaml beside the depth PNG) changes the key too
+    info = s.paths.extra[0]
+    info.write_text(info.read_text().replace("max:", "max: 9.0 #", 1))
+    again = EyecandiesCategory(tree.category, EyecandiesOptions(depth_scale=1.0)).samples(
+        "train", limit=1)[0]
+    assert Preprocessor(cfg, cache_dir=cache)._cache_key(again) != key
+    # and the features' cache entries
+    from cmad.features import FeatureExtractor
+
+    ext = FeatureExtractor(["xyz"], size=32, cache_dir=cache)
+    pa = Preprocessor(cfg)(again)
+    before = ext._cache_path(pa, "p")
+    info.write_text(info.read_text().replace("max: 9.0", "max: 8.0", 1))
+    assert before is not None and ext._cache_path(pa, "p") != before
+
+
 def test_unproject_invalid_points_are_zero() -> None:
     depth = np.array([[1.0, 0.0], [np.nan, -2.0]], dtype=np.float32)
     xyz, valid = unproject(depth, focal=2.0)

@@ -445,6 +445,31 @@ def test_pro_summary_gives_the_aupro_of_any_resample_of_the_images() -> None:
     assert len(set(np.round(got, 6))) > 1  # the replicates differ
 
 
+def test_pro_summary_keeps_the_point_at_no_false_positive() -> None:
+    """Maps with few distinct values (tied tops): the exact curve rises at FPR 0 by the
+    part of each region above every normal pixel; the summary must keep that point."""
+    from cmad.metrics import aupro_replicates, pro_summary
+
+    rng = np.random.default_rng(0)
+    for levels, full in ((4, False), (20, True)):
+        gts, maps = [], []
+        for i in range(12):
+            g = np.zeros((40, 40), bool)
+            if i % 2:
+                y, x = rng.integers(0, 30, 2)
+                g[y : y + 8, x : x + 8] = True
+            if full and i == 1:
+                g[:] = True  # an image that is all defect
+            m = rng.random((40, 40)) + 0.8 * g
+            gts.append(g)
+            maps.append((np.round(m * levels) / levels).astype(np.float32))
+        once = np.ones((1, len(gts)))
+        for limit in (0.05, 0.3):
+            exact = aupro(gts, maps, limit)
+            got = aupro_replicates(pro_summary(gts, maps, limit=limit), once, limit)[0]
+            assert got == pytest.approx(exact, abs=1e-4), (levels, limit)
+
+
 def test_aupro_difference_pairs_the_draws() -> None:
     from cmad.metrics import aupro_difference, pro_summary
 

@@ -346,8 +346,13 @@ def test_comparison_table_and_summary_lines(tmp_path: Path) -> None:
     line = [x for x in summary_text(res).splitlines() if x.startswith("cmad - btf")]
     assert line == ["cmad - btf: +0.018 [-0.012, +0.048] I-AUROC, +0.002 [-0.004, +0.009] "
                     "AUPRO@30% (95% paired bootstrap intervals over the test parts)"]
+    # the same lines on the summary page, linked to the table
+    index = (tmp_path / "r" / "index.html").read_text()
+    assert "<code>" + line[0] + "</code>" in index and 'href="details.html#comparison"' in index
+    assert 'id="comparison"' in (tmp_path / "r" / "details.html").read_text()
     write_report(tmp_path / "r2", _results(), [], quiet=True)  # no comparison: no table
     assert not (tmp_path / "r2" / "tables" / "comparison.md").exists()
+    assert "paired bootstrap" not in (tmp_path / "r2" / "index.html").read_text()
 
 
 def test_without_baseline_or_shots(tmp_path: Path) -> None:

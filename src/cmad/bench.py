@@ -46,11 +46,16 @@ log = logging.getLogger(__name__)
 METHODS: dict[str, tuple[dict, str]] = {
     "cmad": ({}, "full method: dense cross-modal mapping (RGB CNN features <-> CNN features of "
                  "the rendered geometry) + light joint RGB+FPFH bank + light RGB bank, equal "
-                 "weights, int4 banks; the RGB bank counts toward the score, not the map"),
+                 "weights, int4 banks scored over their entries' local scale; the RGB bank counts "
+                 "toward the score, not the map"),
+    "cmad-plain-banks": ({"bank_density": None},
+                         "cmad with banks that score the plain nearest distance (PatchCore; "
+                         "the default up to round 15)"),
     "cmad-map-all": ({"map_exclude": ()},
                      "cmad with every branch in the map (the default up to round 6)"),
     "cmad-v1": ({"branches": ("align", "joint_bank", "rgb_bank", "xyz_bank"), "weights": "joint",
-                 "map_exclude": (), "bank_fraction": 0.015, "joint_fraction": 0.06},
+                 "map_exclude": (), "bank_fraction": 0.015, "joint_fraction": 0.06,
+                 "bank_density": None},
                 "the default before round 4: latent alignment + joint bank (half) + RGB and FPFH banks"),
     "cmad-mse": ({"mapping": {"loss": "mse"}},
                  "the previous default (up to round 8): cmad with the mapping trained on plain "
@@ -62,7 +67,8 @@ METHODS: dict[str, tuple[dict, str]] = {
     "mapping-mse": ({"branches": ("mapping",), "mapping": {"loss": "mse"}},
                     "the mapping alone as up to round 8 (plain squared errors)"),
     "joint-bank": ({"branches": ("joint_bank",)},
-                   "light joint RGB+FPFH bank alone (cross-modal co-occurrence), 3.6% coreset, int4"),
+                   "light joint RGB+FPFH bank alone (cross-modal co-occurrence), 3.6% coreset, int4, "
+                   "local scale"),
     "rgb-bank": ({"branches": ("rgb_bank",)}, "light RGB memory bank alone"),
     "geom-bank": ({"branches": ("geom_bank",)},
                   "light bank of the rendered geometry's CNN features alone (3D only)"),
@@ -84,15 +90,17 @@ METHODS: dict[str, tuple[dict, str]] = {
     "align-map": ({"branches": ("align",), "align": {"variant": "mapping", "hidden": 256},
                    "align_app": ("rgb", "colour")},
                   "CFM-style MLP mapping between CNN+colour and FPFH+context features, alone"),
-    "btf": ({"branches": ("joint_bank",), "joint_fraction": 0.1, "bank_dtype": "float32"},
+    "btf": ({"branches": ("joint_bank",), "joint_fraction": 0.1, "bank_dtype": "float32",
+             "bank_density": None},
             "BTF baseline: RGB+FPFH concatenated, one bank, 10% coreset (as in BTF's code), float32"),
     "full-banks": ({"branches": ("rgb_bank", "xyz_bank"), "bank_fraction": 1.0,
-                    "bank_max_entries": None, "bank_min_entries": 0, "bank_dtype": "float32"},
+                    "bank_max_entries": None, "bank_min_entries": 0, "bank_dtype": "float32",
+                    "bank_density": None},
                    "cmad's two per-modality banks at 100% (no coreset), float32"),
 }
 # BTF with no coreset (the full bank): slow to search, so only on request (--methods)
 METHODS["btf-full"] = ({"branches": ("joint_bank",), "joint_fraction": 1.0, "bank_max_entries": None,
-                        "bank_min_entries": 0, "bank_dtype": "float32"},
+                        "bank_min_entries": 0, "bank_dtype": "float32", "bank_density": None},
                        "BTF with its full bank (no coreset), float32")
 DEFAULT_METHODS = tuple(m for m in METHODS if m != "btf-full")
 SHOT_METHODS = ("cmad", "btf", "rgb-bank", "xyz-bank")
@@ -277,7 +285,7 @@ def run_method(name: str, cd: CategoryData, seed: int, size: int, ext: FeatureEx
                evaluate: bool = True, progress: bool = False) -> tuple[dict, Detector, list]:
     """Fit one method on shared features and evaluate it on the test split (`progress`:
     the fit's own bars, such as training epochs and coreset selection)."""
-    from cmad.evaluate import decision_rates, evaluate_predictions
+    from cmad.evaluate import decision_rates, evaluate_predictions, image_labels
 
     cfg = method_config(name, seed, size, base)
     det = Detector(cfg, extractor=ext)
@@ -311,7 +319,7 @@ def run_method(name: str, cd: CategoryData, seed: int, size: int, ext: FeatureEx
         "category": cd.name,
         # per test part, in the split's order: the paired comparison of methods
         "test_scores": [float(p.score) for p in preds],
-        "test_labels": [int(np.any(g)) for g in cd.gts],
+        "test_labels": [int(v) for v in image_labels(preds, cd.gts)],
         "metrics": None if ev is None else ev.metrics,
         "per_defect": None if ev is None else ev.per_defect,
         "fit_s": cd.shared_fit_s + fit_s,
@@ -785,6 +793,16 @@ def run_demo(out: Path, size: str = "demo", seed: int = 0, threads: int = 2,
     from cmad import synth
 
     out = Path(out)
+    # every choice checked before any work: a bad one leaves nothing behind
+    synth.get_preset(size)
+    for m in methods or ():
+        if m not in METHODS:
+            raise ConfigError(f"unknown method {m!r}; choose from {sorted(METHODS)}")
+    if isinstance(categories, list):
+        unknown = [c for c in categories if c not in synth.CATEGORY_NAMES]
+        if unknown:
+            raise ConfigError(f"unknown synthetic categories {unknown}; choose from "
+                              f"{list(synth.CATEGORY_NAMES)}")
     # one data folder per preset and seed, so that `make demo` and `make bench` (or another
     # --preset) in the same folder never mix datasets
     data = out / f"data-{size}-seed{seed}"

@@ -12,7 +12,7 @@ from typing import Any
 import typer
 from typer.core import TyperCommand
 
-from cmad.configs import DEFAULT_SIZE
+from cmad.configs import DEFAULT_SIZE, MAX_SIZE
 from cmad.errors import CmadError
 
 # rich_markup_mode=None: click's plain help, which writes a boolean flag as `--json` (typer's
@@ -61,12 +61,15 @@ def _json_opt() -> Any:
     return typer.Option(False, "--json", help="print one JSON object (no progress output)")
 
 
+SIZE_HELP = (f"working resolution in pixels, a multiple of 8 from 32 to {MAX_SIZE} (images are "
+             f"padded square and resized to SIZE x SIZE)")
+
+
 def _size_opt(default: int | None) -> Any:
     if default is None:
         return typer.Option(None, "--size", show_default=f"the config's size, {DEFAULT_SIZE}",
-                            help="working resolution in pixels (images are resized to SIZE x SIZE)")
-    return typer.Option(default, "--size",
-                        help="working resolution in pixels (images are resized to SIZE x SIZE)")
+                            help=SIZE_HELP)
+    return typer.Option(default, "--size", help=SIZE_HELP)
 
 
 def _preset_opt(default: str, choices: str) -> Any:
@@ -112,6 +115,10 @@ def _setup(quiet: bool = False, threads: int | None = None) -> None:
                         format="%(levelname)s %(name)s: %(message)s")
     if threads is not None:
         _positive("--threads", threads)
+        cpus = os.cpu_count() or 1
+        if threads > cpus:
+            log.warning("--threads %d is more than the %d CPUs here: the threads will share "
+                        "them and run slower than %d would", threads, cpus, cpus)
         from cmad.runtime import set_threads
 
         set_threads(threads)
@@ -125,8 +132,8 @@ def _positive(name: str, value: int | None, minimum: int = 1) -> None:
 
 def _size(name: str, value: int) -> None:
     """Refuse a working resolution the detector cannot use (exit 2, naming the option)."""
-    if value < 32 or value % 8:
-        _fail(CmadError(f"{name} must be a multiple of 8 and at least 32, got {value}"))
+    if not 32 <= value <= MAX_SIZE or value % 8:
+        _fail(CmadError(f"{name} must be a multiple of 8 from 32 to {MAX_SIZE}, got {value}"))
 
 
 def _fail(exc: Exception) -> None:
@@ -141,14 +148,20 @@ def _print_json(obj: object) -> None:
 @app.command()
 def info(
     data: Path = _data_opt(),
+    verify: bool = typer.Option(False, "--verify",
+                                help="also read every sample whole, as fit does (every file "
+                                     "decoded; without it only headers, sizes and pairing are "
+                                     "checked)"),
     as_json: bool = _json_opt(),
+    quiet: bool = _quiet_opt(),
 ) -> None:
     """Categories, split counts, defect types, image sizes, modalities and problems found."""
-    _setup(quiet=as_json)
+    quiet = quiet or as_json
+    _setup(quiet=quiet)
     from cmad.data.info import dataset_info, format_info
 
     try:
-        result = dataset_info(data)
+        result = dataset_info(data, verify=verify, progress=not quiet)
     except (CmadError, OSError) as exc:
         _fail(exc)
     if as_json:
@@ -164,7 +177,7 @@ def synth(
         None, "--categories", show_default="the preset's count",
         help="a number N (the first N categories) or comma-separated names"),
     seed: int = typer.Option(0, "--seed", help="random seed: same seed, same files"),
-    preset: str = _preset_opt("default", "tiny | small | default | mvtec"),
+    preset: str = _preset_opt("default", "tiny | small | demo | default | mvtec"),
     train: int | None = typer.Option(
         None, "--train", show_default="the preset's count",
         help="training samples per category, 1-999"),
@@ -276,6 +289,8 @@ def fit(
 ) -> None:
     """Fit a detector on the normal training (and validation) samples of a category."""
     _setup(quiet, threads)
+    if size is not None:
+        _size("--size", size)
     from cmad.cache import default_cache_dir
     from cmad.data import open_dataset
     from cmad.pipeline import Detector, check_model_dir
@@ -295,7 +310,8 @@ def fit(
     r = det.report
     weights = ", ".join(f"{k} {v:.3f}" for k, v in r.weights.items())
     typer.echo(f"fitted {category} on {r.n_train} train / {r.n_val} validation samples in "
-               f"{r.fit_s:.1f} s; weights: {weights}; bank entries {r.bank_entries}; "
+               f"{r.fit_s:.1f} s; weights: {weights}; bank entries "
+               f"{', '.join(f'{k} {v:,}' for k, v in r.bank_entries.items()) or 'none'}; "
                f"model {det.model_bytes / 1e6:.2f} MB -> {out}")
     d = det.decision
     typer.echo(f"threshold {d.threshold:.3f} for a {100 * d.target_fpr:.3g}% false-positive rate "
@@ -348,9 +364,12 @@ def evaluate(
         preds = det.predict(test, progress=not quiet)
         gts = [s.gt for s in test]
         rates = decision_rates(det.decision, preds, gts)
+        areas = None
         if resolution == "working":
-            gts = [p.gt for p in det.prepare(test)]
-        ev = evaluate_predictions(category, preds, gts, resolution=resolution)
+            prepared = det.prepare(test)
+            gts = [p.gt for p in prepared]
+            areas = [p.geometry.image_mask(*p.gt.shape) for p in prepared]
+        ev = evaluate_predictions(category, preds, gts, resolution=resolution, areas=areas)
         if maps is not None:
             export_maps(maps, category, preds)
     except (CmadError, OSError) as exc:
@@ -384,7 +403,7 @@ def _decision(det, threshold: float | None, fpr: float | None, pixel_fpr: float 
 def predict(
     model: Path = typer.Option(..., "--model", help="model folder written by `cmad fit`, or "
                                "an exported .onnx file for the onnx runtime"),
-    out: Path = typer.Option(..., "--out", help="folder for maps/, overlays/ and scores.json"),
+    out: Path = typer.Option(..., "--out", help="folder for maps/, masks/, overlays/ and scores.json"),
     rgb: Path | None = typer.Option(None, "--rgb", show_default="none",
                                     help="one RGB image (PNG)"),
     xyz: Path | None = typer.Option(None, "--xyz", show_default="none",
@@ -410,7 +429,11 @@ def predict(
         help="target rate of normal pixels inside the predicted defect masks"),
     runtime: str = typer.Option("torch", "--runtime", help="torch | onnx (the whole model in "
                                 "ONNX Runtime; a model folder is exported into the cache)"),
-    cache: Path | None = _cache_opt(),
+    cache: Path | None = typer.Option(
+        None, "--cache", show_default=f"none for the inputs; the export's: {CACHE_DEFAULT}",
+        help="folder for derived arrays of these inputs (preprocessed clouds; none by default, "
+             "as each input is read once) and, with --runtime onnx and a model folder, its "
+             "ONNX export"),
     threads: int = _threads_opt(),
     quiet: bool = _quiet_opt(),
 ) -> None:
@@ -507,10 +530,10 @@ def calibrate(
         help="the category of a dataset root"),
     fpr: float | None = typer.Option(
         None, "--fpr", show_default="the model's, e.g. 0.01",
-        help="target false-positive rate"),
+        help="target false-positive rate, in (0, 0.5]"),
     pixel_fpr: float | None = typer.Option(
         None, "--pixel-fpr", show_default="the model's",
-        help="target rate of normal pixels in the predicted masks"),
+        help="target rate of normal pixels in the predicted masks, in (0, 0.5]"),
     out: Path | None = typer.Option(
         None, "--out", show_default="replace --model",
         help="write the re-calibrated model here"),
@@ -519,13 +542,24 @@ def calibrate(
 ) -> None:
     """Re-pick the image and pixel thresholds on your own normal parts, without refitting."""
     _setup(quiet, threads)
+    from cmad.model.decision import check_rate
     from cmad.pipeline import Detector, check_model_dir
 
     try:
+        # the rates first: nothing is scored for a value that will be refused
+        if fpr is not None:
+            check_rate(fpr, "--fpr")
+        if pixel_fpr is not None:
+            check_rate(pixel_fpr, "--pixel-fpr")
         det = Detector.load(model)
         if out is not None:
             check_model_dir(out)
         normals = _normal_parts(data, category, det.modalities)
+        other = sorted({s.category for s in normals} - {"input", ""})
+        if det.category and other and other != [det.category]:
+            log.warning("%s: the model was fitted on category %r, not on %s; a threshold "
+                        "picked on another category's parts will not fit this model", model,
+                        det.category, ", ".join(repr(c) for c in other))
         old = det.decision
         new = det.calibrate(normals, fpr=fpr, pixel_fpr=pixel_fpr, progress=not quiet,
                             source=f"calibrate: {data}")
@@ -585,12 +619,27 @@ def export(
                "outputs score, anomaly_map")
 
 
+def _dataset_categories(data: Path, categories: str | None) -> list[str] | None:
+    """--categories of a dataset: N (its first N, in its order) or comma-separated names."""
+    if not categories:
+        return None
+    if categories.strip().isdigit():
+        from cmad.data import open_dataset
+
+        n, names = int(categories), open_dataset(data).categories
+        if not 1 <= n <= len(names):
+            raise CmadError(f"--categories {n}: {data} holds {len(names)} categories")
+        return names[:n]
+    return [c.strip() for c in categories.split(",")]
+
+
 @app.command(cls=_MethodsHelpCommand)
 def bench(
     data: Path = _data_opt(),
     out: Path = typer.Option(..., "--out", help="report folder to create (a new one per run)"),
     categories: str | None = typer.Option(None, "--categories", show_default="all",
-                                          help="comma-separated category names"),
+                                          help="a number N (the first N categories) or "
+                                               "comma-separated names"),
     methods: str | None = typer.Option(None, "--methods", show_default="all but btf-full",
                                        help=METHODS_HELP),
     shots: str | None = typer.Option(None, "--shots", show_default="none",
@@ -654,7 +703,7 @@ def bench(
             counts = parse_counts(scale)
             from cmad.data import open_dataset
 
-            cats = [c.strip() for c in categories.split(",")] if categories else None
+            cats = _dataset_categories(data, categories)
             cat = cats[0] if cats else open_dataset(data).categories[0]
             res = run_cost_curve(
                 data, out, cat,
@@ -674,8 +723,7 @@ def bench(
         _fail(CmadError(f"--shots: {shots!r}: every shot count must be an integer >= 1"))
     try:
         res = run_bench(
-            data, out,
-            categories=[c.strip() for c in categories.split(",")] if categories else None,
+            data, out, categories=_dataset_categories(data, categories),
             methods=[m.strip() for m in methods.split(",")] if methods else None,
             shots=shot_list,
             size=size, cache_dir=cache, seed=seed, threads=threads, progress=not quiet,
@@ -689,7 +737,8 @@ def bench(
 @app.command(cls=_MethodsHelpCommand)
 def demo(
     out: Path = typer.Option(Path("demo_out"), "--out",
-                             help="folder for data/, cache/ and the report-<time>/ folders"),
+                             help="folder for data-<preset>-seed<N>/, cache/, the report-<time>/ "
+                                  "folders and report, a link to the latest"),
     preset: str = _preset_opt(DEMO_PRESET, "tiny | small | demo | default | mvtec"),
     categories: str | None = typer.Option(None, "--categories", show_default="the preset's count",
                                           help="a number N (the first N categories) or "
@@ -742,9 +791,26 @@ def _fmt_load(load: tuple[float, float, float] | None) -> str:
 def main() -> None:
     os.environ.setdefault("KMP_WARNINGS", "0")
     try:
-        app()
-    except KeyboardInterrupt:
+        # not standalone: a bad option value is one `error:` line, as every other error
+        code = app(standalone_mode=False)
+    except (KeyboardInterrupt, typer.Abort):
         sys.exit(130)
+    except MemoryError:
+        typer.echo("error: out of memory (a smaller --size, fewer samples or fewer "
+                   "--threads need less)", err=True)
+        sys.exit(1)
+    except Exception as exc:
+        # click's exceptions (typer's own copy of click, or click itself): by their shape
+        if not (hasattr(exc, "format_message") and hasattr(exc, "exit_code")):
+            raise
+        if type(exc).__name__ == "NoArgsIsHelpError":  # `cmad` alone: the help
+            typer.echo(exc.format_message())
+            sys.exit(0)
+        ctx = getattr(exc, "ctx", None)
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        typer.echo(f"error: {exc.format_message()}{hint}", err=True)
+        sys.exit(exc.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,9 @@ T = TypeVar("T")
 # order on Eyecandies CandyCane. 320 costs 27% more per sample than 288, and its fit of a
 # real-size category (250 samples) took 65 s against 45 s at 288 (same bank fractions).
 DEFAULT_SIZE = 288
+# the largest working resolution accepted: a 1024 px square is 11x the default's pixels
+# (a fit's feature maps alone grow with it); past it a size is more likely a typo
+MAX_SIZE = 1024
 
 
 def _prefix(where: str | None, key: str) -> str:

@@ -38,14 +38,27 @@ def evaluate_predictions(
     gts: Sequence[np.ndarray],
     resolution: str = "original",
     per_defect: bool = True,
+    areas: Sequence[np.ndarray] | None = None,
 ) -> Evaluation:
     """Metrics from predictions and their gt masks (at the same resolution as the maps).
 
     resolution "original" uses `anomaly_map` (the official harness); "working" uses
-    `anomaly_map_work` (the square working resolution most papers report).
+    `anomaly_map_work` (the square working resolution most papers report). `areas`: per
+    sample, a bool mask of the pixels that belong to the image (`Geometry.image_mask` at
+    working resolution): the maps and masks are cropped to it, so that the padding of a
+    non-square image does not count as easy normal pixels. Image labels are the samples'
+    own (`Prediction.label`), a mask's content only where a prediction carries none: a
+    small defect can vanish from a mask resized to the working resolution.
     """
     maps = [p.anomaly_map if resolution == "original" else p.anomaly_map_work for p in preds]
-    labels = np.array([int(g.any()) for g in gts])
+    gts = list(gts)
+    if areas is not None:
+        if len(areas) != len(preds):
+            raise ValueError(f"got {len(areas)} image areas for {len(preds)} predictions")
+        boxes = [image_box(a) for a in areas]
+        maps = [m[b] for m, b in zip(maps, boxes)]
+        gts = [np.asarray(g)[b] for g, b in zip(gts, boxes)]
+    labels = image_labels(preds, gts)
     scores = np.array([p.score for p in preds])
     metrics = compute_metrics(labels, scores, list(gts), maps)
     out = Evaluation(category, metrics, len(preds), resolution)
@@ -57,6 +70,24 @@ def evaluate_predictions(
                                   [maps[i] for i in idx])
             out.per_defect[t] = sub
     return out
+
+
+def image_labels(preds: Sequence[Prediction], gts: Sequence[np.ndarray]) -> np.ndarray:
+    """int (N,): 1 for a defective part. The sample's own label; where a prediction has
+    none, whether its mask marks any pixel."""
+    if len(preds) != len(gts):
+        raise ValueError(f"got {len(preds)} predictions but {len(gts)} ground-truth masks")
+    return np.array([int(p.label) if p.label is not None else int(np.any(g))
+                     for p, g in zip(preds, gts)], dtype=np.int64)
+
+
+def image_box(area: np.ndarray) -> tuple[slice, slice]:
+    """The rows and columns of the rectangle a bool `area` covers."""
+    area = np.asarray(area, dtype=bool)
+    rows, cols = np.flatnonzero(area.any(1)), np.flatnonzero(area.any(0))
+    if rows.size == 0:
+        raise ValueError("an image area covers no pixel")
+    return slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)
 
 
 # the false-positive rate at which `decision_rates` reads the detector's ceiling
@@ -76,7 +107,7 @@ def decision_rates(decision: Decision, preds: Sequence[Prediction],
     to pick it): the false-positive rate (good parts judged anomalous), the false-negative
     rate (defective parts judged normal), pixel rates of the predicted masks, and the image
     rates the model's rule gives at each of TARGET_RATES (whether a target is kept)."""
-    labels = np.array([int(p.label) for p in preds])
+    labels = image_labels(preds, gts)
     flagged = np.array([decision.anomalous(p.score) for p in preds], dtype=bool)
     good, bad = labels == 0, labels == 1
     fp_px = tp_px = neg_px = pos_px = 0

@@ -53,7 +53,7 @@ from cmad import __version__
 from cmad.data.io import write_bytes_atomic
 from cmad.data.preprocess import CODE_VERSION as PREP_VERSION
 from cmad.data.preprocess import Preprocessor, to_original
-from cmad.errors import CmadError, ConfigError, DataError, ModelFormatError
+from cmad.errors import CmadError, ConfigError, DataError, ModelFormatError, OutputError
 from cmad.features.graph import FeatureGraph
 from cmad.features.rgb import ONNX_OPSET, onnx_session
 from cmad.model.config import DetectorConfig
@@ -237,6 +237,13 @@ def export_onnx(det: Detector, out: str | Path) -> Path:
     out = Path(out)
     if out.is_dir():
         raise ConfigError(f"{out}: is a folder; give the path of the .onnx file to write")
+    if out.exists():
+        # only an earlier export is replaced: never a file of the user's
+        try:
+            read_metadata(out)
+        except ModelFormatError:
+            raise OutputError(out, "exists and is not a cmad ONNX export; not overwritten "
+                                   "(remove it or choose another --out)") from None
     blob = export_bytes(det)
     write_bytes_atomic(out, blob)
     log.info("exported %s (%.2f MB)", out, len(blob) / 1e6)

@@ -324,9 +324,10 @@ class ProSummary:
 def pro_summary(gt_masks: Sequence[np.ndarray], maps: Sequence[np.ndarray], limit: float = 0.3,
                 levels: int = 500, sample: int = 1_000_000, per_image: int = 65_536
                 ) -> ProSummary:
-    """`ProSummary` at `levels` thresholds: the normal pixels' quantiles (of an even sample
-    of at most `sample` of them) at false-positive rates spread evenly from 0 to 1.5 x
-    `limit`, so that a resample's curve still reaches `limit`. Each image's normal pixels
+    """`ProSummary` at `levels` + 1 thresholds: one just above the highest normal pixel,
+    then the normal pixels' quantiles (of an even sample of at most `sample` of them) at
+    false-positive rates spread evenly from 0 to 1.5 x `limit`, so that a resample's curve
+    still reaches `limit`. Each image's normal pixels
     are counted on an even sample of at most `per_image` of them (every defect pixel
     counts). The AUPRO read off the summary of all images differs from the exact one by
     the trapezoids between thresholds (1e-5 in the tests) and the sampling (1e-3 with
@@ -340,8 +341,15 @@ def pro_summary(gt_masks: Sequence[np.ndarray], maps: Sequence[np.ndarray], limi
     pool = np.concatenate([a.ravel()[::step][~m.ravel()[::step]]
                            for m, a in zip(masks, amaps)]).astype(np.float64)
     rates = np.linspace(0.0, min(1.0, 1.5 * limit), levels + 1)[1:]
-    # descending as the rates rise; in the maps' own type, so that no map is converted
-    thresholds = np.quantile(pool, 1.0 - rates).astype(dtype)
+    # descending as the rates rise; in the maps' own type, so that no map is converted.
+    # First, a threshold just above every normal pixel (not only the sampled ones): the
+    # exact curve's point at no false positive, the part of each region that scores above
+    # every normal pixel (large where the maps' top values are tied or saturated)
+    top = max(float(a[~m].max()) for m, a in zip(masks, amaps) if (~m).any())
+    above_all = np.nextafter(np.asarray(top, dtype=dtype), np.asarray(np.inf, dtype=dtype))
+    thresholds = np.concatenate([[above_all], np.quantile(pool, 1.0 - rates).astype(dtype)])
+    thresholds = thresholds.astype(dtype)
+    levels = thresholds.size
     ascending = np.ascontiguousarray(thresholds[::-1])
 
     def above(values: np.ndarray) -> np.ndarray:

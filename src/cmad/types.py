@@ -9,11 +9,17 @@ import numpy as np
 
 @dataclass(frozen=True)
 class SamplePaths:
-    """The files one sample was read from (None where the modality is absent)."""
+    """The files one sample was read from (None where the modality is absent).
+
+    extra: other files its arrays were computed from (an Eyecandies depth range); reader:
+    the reader's settings that change them (an Eyecandies depth scale). Both are part of
+    the cache keys of everything computed from the sample."""
 
     rgb: Path | None
     xyz: Path | None
     gt: Path | None
+    extra: tuple[Path, ...] = ()
+    reader: str = ""
 
 
 @dataclass(frozen=True)

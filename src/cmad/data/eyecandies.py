@@ -43,7 +43,7 @@ import math
 import os
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -316,6 +316,12 @@ class EyecandiesCategory:
         return f"EyecandiesCategory({str(self.root)!r}, options={self.options})"
 
     @property
+    def _reader_key(self) -> str:
+        """The options that change a sample's cloud (the light is in its RGB file's name)."""
+        o = self.options
+        return f"eyecandies:depth_scale={o.depth_scale!r}:focal_length={o.focal_length!r}"
+
+    @property
     def splits(self) -> list[str]:
         """The splits present on disk, named as cmad names them (train, validation, test)."""
         return [s for s in SPLITS if _data_dir(self.root, FOLDERS[s]).is_dir()]
@@ -396,7 +402,8 @@ class EyecandiesCategory:
         return Sample(
             rgb=rgb, xyz=xyz, valid=valid, gt=gt, label=ref.label,
             defect_type=ref.defect_type, stem=ref.stem, category=self.name, split=ref.split,
-            paths=ref.paths, gt_values=gt_values,
+            paths=replace(ref.paths, extra=(ref.info_path,), reader=self._reader_key),
+            gt_values=gt_values,
         )
 
     def samples(self, split: str, limit: int | None = None,

@@ -1,8 +1,9 @@
 """A summary of a dataset folder for `cmad info`: counts, types, sizes, and problems found.
 
 Problems are collected, not raised, so one bad file does not hide the rest of the report.
-Image sizes come from file headers only; no point cloud is decoded. Works on every layout
-`cmad.data.open_dataset` reads (MVTec 3D-AD, Eyecandies).
+Image sizes come from file headers only; no point cloud is decoded unless `verify` is set,
+which reads every sample as `fit` would (a file truncated after its header is found only
+then). Works on every layout `cmad.data.open_dataset` reads (MVTec 3D-AD, Eyecandies).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from cmad.data.io import image_size
 from cmad.data.layout import open_dataset
 from cmad.data.mvtec3d import SPLITS, Category, SampleRef
 from cmad.errors import DataError
+from cmad.progress import progress as progress_bar
 
 __all__ = ["dataset_info", "format_info"]
 
@@ -46,7 +48,8 @@ def _ref_problems(ref: SampleRef | EyecandiesRef, sizes: set[tuple[int, int]]) -
     return problems
 
 
-def _category_info(cat: Category | EyecandiesCategory) -> dict[str, Any]:
+def _category_info(cat: Category | EyecandiesCategory, verify: bool = False,
+                   progress: bool = False) -> dict[str, Any]:
     problems: list[str] = []
     splits: dict[str, int] = {}
     sizes: set[tuple[int, int]] = set()
@@ -60,8 +63,15 @@ def _category_info(cat: Category | EyecandiesCategory) -> dict[str, Any]:
         if not refs and not found:
             problems.append(str(DataError(cat.root / split, "no samples in this split")))
         splits[split] = len(refs)
-        for ref in refs:
-            problems.extend(_ref_problems(ref, sizes))
+        for ref in progress_bar(refs, desc=f"{cat.name} {split}", unit="sample",
+                                enabled=progress and verify):
+            found_here = _ref_problems(ref, sizes)
+            problems.extend(found_here)
+            if verify and not found_here:
+                try:
+                    cat.load(ref)  # every pixel decoded, every check of a fit
+                except DataError as exc:
+                    problems.append(str(exc))
     return {
         "splits": splits,
         "defect_types": cat.defect_types,
@@ -71,8 +81,10 @@ def _category_info(cat: Category | EyecandiesCategory) -> dict[str, Any]:
     }
 
 
-def dataset_info(root: str | Path) -> dict[str, Any]:
-    """Summarise a dataset root (or a single category folder).
+def dataset_info(root: str | Path, verify: bool = False, progress: bool = False
+                 ) -> dict[str, Any]:
+    """Summarise a dataset root (or a single category folder); `verify`: also read every
+    sample whole (slower: every file decoded), `progress`: a bar over them.
 
     Returns {"categories": {NAME: {"splits": {"train": n, "validation": n, "test": n},
     "defect_types": [...], "modalities": [...], "image_sizes": [[W, H], ...],
@@ -88,7 +100,7 @@ def dataset_info(root: str | Path) -> dict[str, Any]:
             categories[name] = {"splits": {s: 0 for s in SPLITS}, "defect_types": [],
                                 "modalities": [], "image_sizes": [], "problems": [str(exc)]}
             continue
-        categories[name] = _category_info(cat)
+        categories[name] = _category_info(cat, verify, progress)
     return {"categories": categories}
 
 

@@ -65,7 +65,12 @@ def _to_uint8(arr: np.ndarray) -> np.ndarray:
         return arr.astype(np.uint8) * 255
     if arr.dtype == np.uint16:
         return (arr >> 8).astype(np.uint8)
-    return np.clip(arr, 0, 255).astype(np.uint8)
+    # 32-bit mode "I": older Pillow opens 16-bit PNGs so; values past 8 bits are read as
+    # 16-bit ones (or 32-bit past 16), not clipped to white
+    arr = np.clip(arr, 0, None)
+    top = int(arr.max()) if arr.size else 0
+    shift = 0 if top <= 0xFF else 8 if top <= 0xFFFF else 24
+    return (arr.astype(np.int64) >> shift).clip(0, 255).astype(np.uint8)
 
 
 def read_rgb(path: str | Path, data: bytes | None = None) -> np.ndarray:

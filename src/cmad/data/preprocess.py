@@ -328,8 +328,16 @@ class Preprocessor:
                 return None
         if all(f is None for f in files):
             return None
-        return key_of({"version": CODE_VERSION, "files": files, "shape": sample.size,
-                       "config": self.config.digest()})
+        key: dict[str, Any] = {"version": CODE_VERSION, "files": files, "shape": sample.size,
+                               "config": self.config.digest()}
+        # a reader's other files and settings (keys without them are as before)
+        if sample.paths.extra or sample.paths.reader:
+            try:
+                key["extra"] = [file_digest(p) for p in sample.paths.extra]
+            except OSError:
+                return None
+            key["reader"] = sample.paths.reader
+        return key_of(key)
 
     def _cache_path(self, key: str, sample: Sample) -> Path:
         cache = self.cache_dir.resolve()  # type: ignore[union-attr]

@@ -240,6 +240,9 @@ class FeatureExtractor:
             return None
         try:
             files = [file_digest(f) for f in (p.paths.rgb, p.paths.xyz) if f is not None]
+            if files and (p.paths.extra or p.paths.reader):
+                # a reader's other files and settings (keys without them are as before)
+                files.append([p.paths.reader, *(file_digest(f) for f in p.paths.extra)])
         except OSError:
             return None
         if not files:

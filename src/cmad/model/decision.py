@@ -65,8 +65,8 @@ def check_rate(fpr: float, what: str = "--fpr") -> float:
     """A false-positive rate in (0, 0.5]; ConfigError otherwise."""
     if isinstance(fpr, bool) or not isinstance(fpr, (int, float)) or not math.isfinite(fpr) \
             or not 0.0 < float(fpr) <= 0.5:
-        raise ConfigError(f"{what} must be a rate in (0, 0.5] (0.01 = 1% of normal parts), "
-                          f"got {fpr!r}")
+        of = "normal pixels" if "pixel" in what else "normal parts"
+        raise ConfigError(f"{what} must be a rate in (0, 0.5] (0.01 = 1% of {of}), got {fpr!r}")
     return float(fpr)
 
 

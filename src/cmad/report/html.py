@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from html import escape
 from typing import Any
 
-from cmad.report.tables import Table
+from cmad.report.tables import Table, comparison_lines
 
 CSS = """
 :root { --ink: #1d2330; --muted: #667085; --line: #e4e7ec; --accent: #1f6feb; --best: #e8f3ff; }
@@ -120,7 +120,13 @@ def render_index(results: Mapping[str, Any], *, headline: Table,
     (`n_panels` in all, on the details page); `files` are (href, description).
     """
     sections: list[tuple[str, str, str]] = []
-    sections.append(("summary", "Summary", table_html(headline, None) + _timing_note(results)
+    compared = comparison_lines(results)
+    leads = ("" if not compared else
+             '<p class="note">How sure the differences are (the reference minus each method, '
+             'mean over categories; <a href="' + DETAILS + '#comparison">details</a>):</p><ul>'
+             + "".join(f"<li><code>{escape(line)}</code></li>" for line in compared) + "</ul>")
+    sections.append(("summary", "Summary", table_html(headline, None) + leads
+                     + _timing_note(results)
                      + f'<p class="note">Every table, per category and per defect type, and '
                        f'all {n_panels} anomaly-map panels: <a href="{DETAILS}">details</a>.'
                        "</p>"))

@@ -541,6 +541,20 @@ def comparison_table(results: Mapping[str, Any]) -> Table | None:
                  slug="comparison")
 
 
+def comparison_lines(results: Mapping[str, Any]) -> list[str]:
+    """One line per compared method: "cmad - btf: +0.028 [+0.008, +0.049] I-AUROC, ..."."""
+    comp = results.get("comparison") or {}
+    lines = []
+    for name, row in (comp.get("methods") or {}).items():
+        parts = [f"{fmt_difference(row[k])} {k}" for k in COMPARED
+                 if math.isfinite(as_float((row.get(k) or {}).get("mean")))]
+        if parts:
+            lines.append(f"{comp.get('reference')} - {name}: " + ", ".join(parts)
+                         + f" ({fmt_rate(comp.get('level', 0.95))} paired bootstrap intervals "
+                           "over the test parts)")
+    return lines
+
+
 def headline_table(results: Mapping[str, Any], baseline: str = BASELINE) -> Table:
     """Mean accuracy and the cost of each method in one table (the report's first table)."""
     methods = methods_of(results)
@@ -610,15 +624,7 @@ def summary_text(results: Mapping[str, Any], baseline: str = BASELINE,
                        for c, h in enumerate(header))]
     lines += ["  ".join(t.ljust(widths[c]) if c == 0 else t.rjust(widths[c])
                         for c, t in enumerate(row)) for row in shown]
-    comp = results.get("comparison") or {}
-    for name, row in (comp.get("methods") or {}).items():
-        parts = [f"{fmt_difference(row[k])} {k}" for k in COMPARED
-                 if math.isfinite(as_float((row.get(k) or {}).get("mean")))]
-        if not parts:
-            continue
-        lines.append(f"{comp.get('reference')} - {name}: " + ", ".join(parts)
-                     + f" ({fmt_rate(comp.get('level', 0.95))} paired bootstrap intervals "
-                       "over the test parts)")
+    lines += comparison_lines(results)
     if method in methods and baseline in methods:
         a, b = methods[method], methods[baseline]
         t = ratio(a.get("infer_ms_per_sample"), b.get("infer_ms_per_sample"))

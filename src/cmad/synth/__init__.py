@@ -23,7 +23,7 @@ seeded generators of one sample), `presets` (sizes and split counts), `writer` (
 from __future__ import annotations
 
 from cmad.synth.catalog import CATEGORY_NAMES, CLASS_IDS, DEFECT_TYPES
-from cmad.synth.presets import SIZES
+from cmad.synth.presets import SIZES, get_preset
 from cmad.synth.render import Rendered
 from cmad.synth.sample import render_sample
 from cmad.synth.writer import generate
@@ -35,5 +35,6 @@ __all__ = [
     "SIZES",
     "Rendered",
     "generate",
+    "get_preset",
     "render_sample",
 ]

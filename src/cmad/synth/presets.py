@@ -32,7 +32,7 @@ MAX_SAMPLES = 999   # per split folder: file stems are three digits (000.png ...
 def get_preset(size: str) -> dict:
     """The preset called `size`; ConfigError for an unknown name."""
     if size not in SIZES:
-        raise ConfigError(f"unknown size {size!r}; expected one of {list(SIZES)}")
+        raise ConfigError(f"unknown preset {size!r}; expected one of {list(SIZES)}")
     return SIZES[size]
 
 

@@ -48,7 +48,8 @@ class BankBranch(Branch):
             raise ValueError(f"{self.name}: no training patches")
         self.bank = MemoryBank(self.fraction(), cfg.bank_max_entries, cfg.seed,
                                min_entries=cfg.bank_min_entries, pca_dim=cfg.bank_pca,
-                               dtype=cfg.bank_dtype).fit(feats, progress=progress)
+                               dtype=cfg.bank_dtype, density_k=cfg.bank_density
+                               ).fit(feats, progress=progress)
         self.info = {"entries": self.bank.entries, "train_patches": int(feats.shape[0])}
 
     def score(self, fm: FeatureMaps) -> tuple[torch.Tensor, torch.Tensor]:
