@@ -74,3 +74,15 @@ def test_with_overrides_merges_nested_values():
     assert cfg.align.hidden == 32 and cfg.align.variant == "latent" and cfg.seed == 4
     small = cfg.with_overrides({"size": 64})
     assert small.rgb.size == 64 and small.xyz.grid == (8, 8)
+
+
+def test_working_size_limit_is_for_new_configs_only() -> None:
+    from cmad.model.config import DetectorConfig
+
+    with pytest.raises(ConfigError, match="from 32 to 1024"):
+        DetectorConfig.from_dict({"size": 1280})
+    with pytest.raises(ConfigError, match="from 32 to 1024"):
+        DetectorConfig().with_overrides({"size": 100000})
+    # a model fitted at a larger size before the limit existed still loads
+    assert DetectorConfig.from_saved({"size": 1280}).size == 1280
+    assert DetectorConfig.from_dict({"size": 1024}).size == 1024

@@ -640,3 +640,10 @@ def test_grey_images_of_16_and_32_bits_keep_their_range(tmp_path: Path) -> None:
         got = read_rgb(tmp_path / name)
         assert got.shape == (4, 64, 3) and np.array_equal(got[:, :, 0], want), name
     assert np.array_equal(read_rgb(tmp_path / "s32.tif")[:, :, 0], small.astype(np.uint8))
+    from cmad.data.io import _to_uint8
+
+    # a 16-bit PNG opened in mode "I": by its depth, however dark the frame
+    dark = np.array([[0, 200, 255]], dtype=np.int32)
+    assert _to_uint8(dark, 16).tolist() == [[0, 0, 0]]
+    wide = np.array([[0, 1 << 19, (1 << 20) - 1]], dtype=np.int32)  # 20-bit values
+    assert _to_uint8(wide).tolist() == [[0, 128, 255]]

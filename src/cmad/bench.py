@@ -52,14 +52,14 @@ METHODS: dict[str, tuple[dict, str]] = {
                          "cmad with banks that score the plain nearest distance (PatchCore; "
                          "the default up to round 15)"),
     "cmad-map-all": ({"map_exclude": ()},
-                     "cmad with every branch in the map (the default up to round 6)"),
+                     "cmad with every branch in the map (as up to round 6)"),
     "cmad-v1": ({"branches": ("align", "joint_bank", "rgb_bank", "xyz_bank"), "weights": "joint",
                  "map_exclude": (), "bank_fraction": 0.015, "joint_fraction": 0.06,
                  "bank_density": None},
                 "the default before round 4: latent alignment + joint bank (half) + RGB and FPFH banks"),
     "cmad-mse": ({"mapping": {"loss": "mse"}},
-                 "the previous default (up to round 8): cmad with the mapping trained on plain "
-                 "squared errors, no predicted variance"),
+                 "cmad with the mapping trained on plain squared errors, no predicted "
+                 "variance (as up to round 8)"),
     "mapping": ({"branches": ("mapping",)},
                 "dense cross-modal mapping alone: RGB CNN features <-> CNN features of the "
                 "rendered geometry, both directions; scores over the predicted variance, map "

@@ -555,8 +555,8 @@ def calibrate(
         if out is not None:
             check_model_dir(out)
         normals = _normal_parts(data, category, det.modalities)
-        other = sorted({s.category for s in normals} - {"input", ""})
-        if det.category and other and other != [det.category]:
+        other = sorted({s.category for s in normals} - {"input", "", det.category})
+        if det.category and other:
             log.warning("%s: the model was fitted on category %r, not on %s; a threshold "
                         "picked on another category's parts will not fit this model", model,
                         det.category, ", ".join(repr(c) for c in other))

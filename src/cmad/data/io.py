@@ -57,20 +57,22 @@ def _open_image(path: Path, data: bytes | None = None) -> Image.Image:
     return img
 
 
-def _to_uint8(arr: np.ndarray) -> np.ndarray:
-    """Bring a 16- or 32-bit integer image to 8 bits by its bit depth."""
+def _to_uint8(arr: np.ndarray, bits: int | None = None) -> np.ndarray:
+    """Bring a 16- or 32-bit integer image to 8 bits by its bit depth (`bits`, where the
+    file says it; else from the dtype, and for 32-bit values from their range)."""
     if arr.dtype == np.uint8:
         return arr
     if arr.dtype == np.bool_:
         return arr.astype(np.uint8) * 255
     if arr.dtype == np.uint16:
-        return (arr >> 8).astype(np.uint8)
-    # 32-bit mode "I": older Pillow opens 16-bit PNGs so; values past 8 bits are read as
-    # 16-bit ones (or 32-bit past 16), not clipped to white
-    arr = np.clip(arr, 0, None)
-    top = int(arr.max()) if arr.size else 0
-    shift = 0 if top <= 0xFF else 8 if top <= 0xFFFF else 24
-    return (arr.astype(np.int64) >> shift).clip(0, 255).astype(np.uint8)
+        bits = 16
+    arr = np.clip(arr, 0, None).astype(np.int64)
+    if bits is None:
+        # 32-bit mode "I" of unknown depth: 8-bit values stay, larger ones are read as
+        # 16-bit (or by their own width past that), never clipped to white
+        top = int(arr.max()) if arr.size else 0
+        bits = 8 if top <= 0xFF else 16 if top <= 0xFFFF else top.bit_length()
+    return (arr >> max(0, bits - 8)).clip(0, 255).astype(np.uint8)
 
 
 def read_rgb(path: str | Path, data: bytes | None = None) -> np.ndarray:
@@ -82,7 +84,8 @@ def read_rgb(path: str | Path, data: bytes | None = None) -> np.ndarray:
     path = Path(path)
     img = _open_image(path, data)
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        grey = _to_uint8(np.asarray(img))
+        # a PNG in mode "I" is a 16-bit one (older Pillow opens them so)
+        grey = _to_uint8(np.asarray(img), 16 if img.format == "PNG" else None)
         return np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2))
     if img.mode != "RGB":
         try:

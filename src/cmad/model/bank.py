@@ -374,6 +374,9 @@ def local_scale(rows, n_rows: int, sq: torch.Tensor, k: int,  # noqa: ANN001
     while a defect, far from every row, stays far. `rows`, `sq` as for `_search`."""
     if n_rows < 2:
         return torch.ones(n_rows)
+    if n_rows > 50_000:
+        log.warning("local scale of a bank of %d entries: %d x %d distances (minutes to hours "
+                    "on a few cores); bank_density: null skips it", n_rows, n_rows, n_rows)
     k = min(k, n_rows - 1)
     near = torch.empty(n_rows)
     for s in range(0, n_rows, chunk):
@@ -574,7 +577,8 @@ class MemoryBank:
         return None if self._sq is None else self._rows(0, self.size)
 
     def score(self, queries: torch.Tensor) -> torch.Tensor:
-        """Nearest-neighbour distance of each (M, C) query to the bank."""
+        """Nearest-neighbour distance of each (M, C) query to the bank (over the nearest
+        entry's local scale with `density_k`)."""
         if self._sq is None:
             raise RuntimeError("MemoryBank.score called before fit")
         return _search(self._project(queries), self.size, self._rows, self._sq,
@@ -621,7 +625,8 @@ class MemoryBank:
 
     @property
     def nbytes(self) -> int:
-        """Bytes stored (for int8 / int4: the codes plus a low and a step per dimension)."""
+        """Bytes stored (for int8 / int4: the codes plus a low and a step per dimension;
+        with `density_k`, one float32 scale per entry)."""
         return int(sum(v.numel() * v.element_size() for v in self.stored.values()))
 
 

@@ -97,8 +97,8 @@ class DetectorConfig:
         if not self.mapping_b or set(self.mapping_b) - {"geom", "xyz"} or "geom" not in self.mapping_b:
             raise ConfigError(f"mapping_b must be [geom] or [geom, xyz], got {list(self.mapping_b)}")
         if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size % 8 \
-                or not 32 <= self.size <= MAX_SIZE:
-            raise ConfigError(f"size must be a multiple of 8 from 32 to {MAX_SIZE}, got {self.size}")
+                or self.size < 32:
+            raise ConfigError(f"size must be a multiple of 8 and at least 32, got {self.size}")
         # the working resolution reaches every stage from here
         for name, kind in (("preprocess", PreprocessConfig), ("rgb", RGBConfig), ("xyz", FPFHConfig),
                            ("align", AlignConfig), ("geometry", GeometryConfig),
@@ -174,13 +174,20 @@ class DetectorConfig:
         return {**to_plain(self), "rgb": self.rgb.to_dict()}
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any], where: str | None = None) -> DetectorConfig:
-        """Build from a plain mapping (keys as in `to_dict`); errors name `where`."""
+    def from_dict(cls, d: Mapping[str, Any], where: str | None = None,
+                  max_size: int | None = MAX_SIZE) -> DetectorConfig:
+        """Build from a plain mapping (keys as in `to_dict`); errors name `where`. A size
+        above `max_size` is refused (more likely a typo than a wish; None: no limit, for a
+        model saved before the limit existed)."""
         if not isinstance(d, Mapping):
             raise ConfigError(f"{where + ': ' if where else ''}a config must be a mapping of keys "
                               f"to values, got {d!r}")
         d = dict(d)
         size = d.get("size", DEFAULT_SIZE)
+        if max_size is not None and isinstance(size, int) and not isinstance(size, bool) \
+                and size > max_size:
+            raise ConfigError(f"{where + ': ' if where else ''}size must be a multiple of 8 from "
+                              f"32 to {max_size}, got {size}")
         derived = (("preprocess", "size", size), ("rgb", "size", size),
                    ("xyz", "grid", [size // 8, size // 8] if isinstance(size, int) else None))
         for key, sub, value in derived:
@@ -201,7 +208,7 @@ class DetectorConfig:
             d = {**d, "map_exclude": []}
         if isinstance(d, Mapping) and "bank_density" not in d:
             d = {**d, "bank_density": None}
-        return cls.from_dict(d, where)
+        return cls.from_dict(d, where, max_size=None)
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> DetectorConfig:
         """A copy with some fields replaced (nested mappings merge into nested configs)."""

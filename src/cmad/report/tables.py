@@ -532,7 +532,8 @@ def comparison_table(results: Mapping[str, Any]) -> Table | None:
             "bootstrap replicates redraws every category's good and defective test parts with "
             f"replacement, scores {ref} and the method on the same draw and averages the "
             f"differences over the categories; the interval holds the middle {level} of them "
-            "(AUPRO on each draw is read off the maps at 500 fixed thresholds, within about "
+            "(AUPRO on each draw is read off the maps at 500 fixed thresholds and one above "
+            "every normal pixel, within about "
             "0.001 of the exact metric; the difference shown is the exact one). With a few good "
             "test parts per category one part moves a category's I-AUROC by several points: "
             "a difference whose interval spans 0 is not shown to be one.")
