@@ -135,3 +135,10 @@ def test_main_runs_a_command_and_shows_help(monkeypatch, capsys) -> None:
 def test_a_huge_working_size_is_refused_before_any_work(command) -> None:
     r = runner.invoke(app, [*command, "--size", "100000"])
     assert r.exit_code == 2 and "--size must be a multiple of 8 from 32 to 1024" in r.output, r.output
+
+
+def test_version() -> None:
+    from cmad import __version__
+
+    r = runner.invoke(app, ["--version"])
+    assert r.exit_code == 0 and r.output.strip() == f"cmad {__version__}"

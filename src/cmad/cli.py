@@ -26,6 +26,21 @@ log = logging.getLogger("cmad")
 CACHE_DEFAULT = "$CMAD_CACHE_DIR, else ~/.cache/cmad"
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from cmad import __version__
+
+        typer.echo(f"cmad {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_print_version,
+                                       is_eager=True, help="print cmad's version and exit")
+          ) -> None:
+    """Unsupervised multimodal (RGB + 3D) industrial anomaly detection."""
+
+
 # One option, one help text, wherever it appears.
 def _data_opt() -> Any:
     return typer.Option(..., "--data", help="dataset root: the MVTec 3D-AD layout (or Eyecandies)")
