@@ -175,9 +175,13 @@ def machine_info(threads: int) -> dict:
     }
 
 
-def method_config(name: str, seed: int, size: int, base: DetectorConfig | None = None) -> DetectorConfig:
+def check_method(name: str) -> None:
     if name not in METHODS:
         raise ConfigError(f"unknown method {name!r}; choose from {sorted(METHODS)}")
+
+
+def method_config(name: str, seed: int, size: int, base: DetectorConfig | None = None) -> DetectorConfig:
+    check_method(name)
     return (base or DetectorConfig()).with_overrides({**METHODS[name][0], "seed": seed, "size": size})
 
 
@@ -438,7 +442,7 @@ def compare_methods(results: dict, summaries: dict | None = None, reference: str
     AUPRO@30% where `summaries` ({method: {category: ProSummary}}) has both methods
     (`cmad.metrics.aupro_difference`; its mean is the exact metrics' difference). None with
     fewer than two methods or no per-part scores."""
-    from cmad.metrics import aupro_difference, image_auroc_difference
+    from cmad.metrics import aupro_difference, has_regions, image_auroc_difference
 
     scored = {m: e["test_scores"] for m, e in results["methods"].items() if e.get("test_scores")}
     labels = results.get("test_labels") or {}
@@ -466,7 +470,7 @@ def compare_methods(results: dict, summaries: dict | None = None, reference: str
         if both:
             d = aupro_difference([sa[c] for c in both], [sb[c] for c in both], limit=0.3,
                                  n_boot=BOOTSTRAP_REPLICATES, seed=seed)
-            used = [c for c in both if (sa[c].regions > 0).any()]  # as aupro_difference
+            used = [c for c in both if has_regions(sa[c])]  # the categories compared
             exact = [results["methods"][reference]["categories"][c]["AUPRO@30%"]
                      - results["methods"][m]["categories"][c]["AUPRO@30%"] for c in used]
             if d["categories"]:
@@ -796,8 +800,7 @@ def run_demo(out: Path, size: str = "demo", seed: int = 0, threads: int = 2,
     # every choice checked before any work: a bad one leaves nothing behind
     synth.get_preset(size)
     for m in methods or ():
-        if m not in METHODS:
-            raise ConfigError(f"unknown method {m!r}; choose from {sorted(METHODS)}")
+        check_method(m)
     if isinstance(categories, list):
         unknown = [c for c in categories if c not in synth.CATEGORY_NAMES]
         if unknown:

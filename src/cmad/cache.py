@@ -38,6 +38,15 @@ def file_digest(path: str | Path) -> str:
     return hit
 
 
+def reader_identity(paths: Any) -> list[str] | None:
+    """What else a sample's arrays were computed from (`SamplePaths.reader`, the digests of
+    `SamplePaths.extra`), for cache keys; None when nothing (keys without it stay as
+    before). OSError if an extra file cannot be read."""
+    if not (paths.extra or paths.reader):
+        return None
+    return [paths.reader, *(file_digest(f) for f in paths.extra)]
+
+
 def key_of(payload: Any) -> str:
     """A stable hex key of a JSON-able payload."""
     blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str).encode()

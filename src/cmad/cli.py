@@ -12,7 +12,7 @@ from typing import Any
 import typer
 from typer.core import TyperCommand
 
-from cmad.configs import DEFAULT_SIZE, MAX_SIZE
+from cmad.configs import DEFAULT_SIZE, MAX_SIZE, size_problem
 from cmad.errors import CmadError
 
 # rich_markup_mode=None: click's plain help, which writes a boolean flag as `--json` (typer's
@@ -147,8 +147,9 @@ def _positive(name: str, value: int | None, minimum: int = 1) -> None:
 
 def _size(name: str, value: int) -> None:
     """Refuse a working resolution the detector cannot use (exit 2, naming the option)."""
-    if not 32 <= value <= MAX_SIZE or value % 8:
-        _fail(CmadError(f"{name} must be a multiple of 8 from 32 to {MAX_SIZE}, got {value}"))
+    problem = size_problem(value)
+    if problem:
+        _fail(CmadError(f"{name} {problem}"))
 
 
 def _fail(exc: Exception) -> None:
@@ -215,12 +216,10 @@ def synth(
         _fail(CmadError(f"--preset must be one of {', '.join(synth_mod.SIZES)}, got {preset!r}"))
     from cmad.report.montage import montage as write_montage
 
-    cats: int | list[str] | None = None
-    if categories:
-        cats = int(categories) if categories.isdigit() else [c.strip() for c in categories.split(",")]
-        if cats == 0 or (isinstance(cats, list) and not all(cats)):
-            _fail(CmadError(f"--categories: {categories!r} is not a positive number or a "
-                            "comma-separated list of names"))
+    try:
+        cats = _categories_arg(categories)
+    except CmadError as exc:
+        _fail(exc)
     try:
         t = time.perf_counter()
         root = synth_mod.generate(out, categories=cats, seed=seed, size=preset, progress=not quiet,
@@ -557,7 +556,7 @@ def calibrate(
 ) -> None:
     """Re-pick the image and pixel thresholds on your own normal parts, without refitting."""
     _setup(quiet, threads)
-    from cmad.model.decision import check_rate
+    from cmad.model.decision import PIXELS, check_rate
     from cmad.pipeline import Detector, check_model_dir
 
     try:
@@ -565,7 +564,7 @@ def calibrate(
         if fpr is not None:
             check_rate(fpr, "--fpr")
         if pixel_fpr is not None:
-            check_rate(pixel_fpr, "--pixel-fpr")
+            check_rate(pixel_fpr, "--pixel-fpr", PIXELS)
         det = Detector.load(model)
         if out is not None:
             check_model_dir(out)
@@ -634,18 +633,29 @@ def export(
                "outputs score, anomaly_map")
 
 
-def _dataset_categories(data: Path, categories: str | None) -> list[str] | None:
-    """--categories of a dataset: N (its first N, in its order) or comma-separated names."""
+def _categories_arg(categories: str | None) -> int | list[str] | None:
+    """--categories as given: a number N (the first N categories) or comma-separated names."""
     if not categories:
         return None
-    if categories.strip().isdigit():
+    cats: int | list[str] = (int(categories) if categories.strip().isdigit()
+                             else [c.strip() for c in categories.split(",")])
+    if cats == 0 or (isinstance(cats, list) and not all(cats)):
+        raise CmadError(f"--categories: {categories!r} is not a positive number or a "
+                        "comma-separated list of names")
+    return cats
+
+
+def _dataset_categories(data: Path, categories: str | None) -> list[str] | None:
+    """--categories of a dataset: its first N (in its order), or the names given."""
+    cats = _categories_arg(categories)
+    if isinstance(cats, int):
         from cmad.data import open_dataset
 
-        n, names = int(categories), open_dataset(data).categories
-        if not 1 <= n <= len(names):
-            raise CmadError(f"--categories {n}: {data} holds {len(names)} categories")
-        return names[:n]
-    return [c.strip() for c in categories.split(",")]
+        names = open_dataset(data).categories
+        if cats > len(names):
+            raise CmadError(f"--categories {cats}: {data} holds {len(names)} categories")
+        return names[:cats]
+    return cats
 
 
 @app.command(cls=_MethodsHelpCommand)
@@ -776,10 +786,8 @@ def demo(
     _positive("--seed", seed, 0)
     from cmad.bench import run_demo
 
-    cats: int | list[str] | None = None
-    if categories:
-        cats = int(categories) if categories.isdigit() else [c.strip() for c in categories.split(",")]
     try:
+        cats = _categories_arg(categories)
         res = run_demo(out, size=preset, seed=seed, threads=threads, categories=cats,
                        methods=[m.strip() for m in methods.split(",")] if methods else None,
                        progress=not quiet)

@@ -30,6 +30,16 @@ DEFAULT_SIZE = 288
 MAX_SIZE = 1024
 
 
+def size_problem(size: Any, max_size: int | None = MAX_SIZE) -> str | None:
+    """What is wrong with a working resolution (None: nothing): a multiple of 8 from 32 to
+    `max_size` (None: no upper limit, for models saved before it existed)."""
+    if isinstance(size, bool) or not isinstance(size, int) or size % 8 or size < 32 \
+            or (max_size is not None and size > max_size):
+        top = f"from 32 to {max_size}" if max_size is not None else "and at least 32"
+        return f"must be a multiple of 8 {top}, got {size}"
+    return None
+
+
 def _prefix(where: str | None, key: str) -> str:
     loc = key if key else "config"
     return f"{where}: {loc}" if where else loc

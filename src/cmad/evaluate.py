@@ -60,7 +60,7 @@ def evaluate_predictions(
         gts = [np.asarray(g)[b] for g, b in zip(gts, boxes)]
     labels = image_labels(preds, gts)
     scores = np.array([p.score for p in preds])
-    metrics = compute_metrics(labels, scores, list(gts), maps)
+    metrics = compute_metrics(labels, scores, gts, maps)
     out = Evaluation(category, metrics, len(preds), resolution)
     if per_defect:
         types = sorted({p.defect_type for p in preds if p.defect_type not in (None, "good")})

@@ -348,18 +348,17 @@ def pro_summary(gt_masks: Sequence[np.ndarray], maps: Sequence[np.ndarray], limi
     top = max(float(a[~m].max()) for m, a in zip(masks, amaps) if (~m).any())
     above_all = np.nextafter(np.asarray(top, dtype=dtype), np.asarray(np.inf, dtype=dtype))
     thresholds = np.concatenate([[above_all], np.quantile(pool, 1.0 - rates).astype(dtype)])
-    thresholds = thresholds.astype(dtype)
-    levels = thresholds.size
+    n_thr = thresholds.size
     ascending = np.ascontiguousarray(thresholds[::-1])
 
     def above(values: np.ndarray) -> np.ndarray:
         """(K,) how many values are at or above each (descending) threshold."""
         reached = np.searchsorted(ascending, values, side="right")  # thresholds <= value
-        ge = np.cumsum(np.bincount(reached, minlength=levels + 1)[::-1])[::-1][1:]
+        ge = np.cumsum(np.bincount(reached, minlength=n_thr + 1)[::-1])[::-1][1:]
         return ge[::-1].astype(np.float64)
 
     n = len(masks)
-    normal_above, region_above = np.zeros((n, levels)), np.zeros((n, levels))
+    normal_above, region_above = np.zeros((n, n_thr)), np.zeros((n, n_thr))
     normal, regions = np.zeros(n), np.zeros(n)
     for i, (mask, amap) in enumerate(zip(masks, amaps)):
         # an even sample of at most `per_image` normal pixels, counted at the image's weight
@@ -372,12 +371,17 @@ def pro_summary(gt_masks: Sequence[np.ndarray], maps: Sequence[np.ndarray], limi
             lab = labeled[mask] - 1
             reached = np.searchsorted(ascending, amap[mask], side="right")
             # per region and level: pixels that reach exactly that many thresholds
-            cnt = np.bincount(lab * (levels + 1) + reached,
-                              minlength=k * (levels + 1)).reshape(k, levels + 1)
+            cnt = np.bincount(lab * (n_thr + 1) + reached,
+                              minlength=k * (n_thr + 1)).reshape(k, n_thr + 1)
             ge = np.cumsum(cnt[:, ::-1], axis=1)[:, ::-1][:, 1:]  # at or above, ascending
             region_above[i] = (ge[:, ::-1] / cnt.sum(axis=1, keepdims=True)).sum(axis=0)
             regions[i] = float(k)
     return ProSummary(thresholds, normal_above, normal, region_above, regions)
+
+
+def has_regions(summary: ProSummary) -> bool:
+    """Whether the summarised images hold a defect region (else no AUPRO to compare)."""
+    return bool((summary.regions > 0).any())
 
 
 def aupro_replicates(summary: ProSummary, weights: np.ndarray, limit: float = 0.3) -> np.ndarray:
@@ -422,7 +426,7 @@ def aupro_difference(summaries_a: Sequence[ProSummary], summaries_b: Sequence[Pr
     for i, (a, b) in enumerate(zip(summaries_a, summaries_b)):
         if a.regions.size != b.regions.size or not np.array_equal(a.regions > 0, b.regions > 0):
             raise ValueError(f"category {i}: the two summaries are not of the same images")
-        if not (a.regions > 0).any():
+        if not has_regions(a):
             continue
         once = np.ones((1, a.regions.size))
         point.append(float(aupro_replicates(a, once, limit)[0] - aupro_replicates(b, once, limit)[0]))

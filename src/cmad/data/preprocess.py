@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.numpy import save as st_save
 from scipy import ndimage
 
-from cmad.cache import entry_path, file_digest, key_of
+from cmad.cache import entry_path, file_digest, key_of, reader_identity
 from cmad.configs import DEFAULT_SIZE
 from cmad.data.io import write_bytes_atomic
 from cmad.errors import ConfigError
@@ -330,13 +330,12 @@ class Preprocessor:
             return None
         key: dict[str, Any] = {"version": CODE_VERSION, "files": files, "shape": sample.size,
                                "config": self.config.digest()}
-        # a reader's other files and settings (keys without them are as before)
-        if sample.paths.extra or sample.paths.reader:
-            try:
-                key["extra"] = [file_digest(p) for p in sample.paths.extra]
-            except OSError:
-                return None
-            key["reader"] = sample.paths.reader
+        try:
+            reader = reader_identity(sample.paths)
+        except OSError:
+            return None
+        if reader is not None:
+            key["reader"] = reader
         return key_of(key)
 
     def _cache_path(self, key: str, sample: Sample) -> Path:

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from cmad.cache import entry_path, file_digest, key_of
+from cmad.cache import entry_path, file_digest, key_of, reader_identity
 from cmad.configs import DEFAULT_SIZE
 from cmad.data.io import write_atomic
 from cmad.errors import ConfigError, DataError
@@ -240,9 +240,9 @@ class FeatureExtractor:
             return None
         try:
             files = [file_digest(f) for f in (p.paths.rgb, p.paths.xyz) if f is not None]
-            if files and (p.paths.extra or p.paths.reader):
-                # a reader's other files and settings (keys without them are as before)
-                files.append([p.paths.reader, *(file_digest(f) for f in p.paths.extra)])
+            reader = reader_identity(p.paths) if files else None
+            if reader is not None:
+                files.append(reader)
         except OSError:
             return None
         if not files:

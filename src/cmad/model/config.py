@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from cmad.configs import DEFAULT_SIZE, MAX_SIZE, build, merge, to_plain
+from cmad.configs import DEFAULT_SIZE, MAX_SIZE, build, merge, size_problem, to_plain
 from cmad.data.preprocess import PreprocessConfig
 from cmad.errors import ConfigError
 from cmad.features.geometry import GeometryConfig
@@ -96,9 +96,10 @@ class DetectorConfig:
         object.__setattr__(self, "mapping_b", tuple(self.mapping_b))
         if not self.mapping_b or set(self.mapping_b) - {"geom", "xyz"} or "geom" not in self.mapping_b:
             raise ConfigError(f"mapping_b must be [geom] or [geom, xyz], got {list(self.mapping_b)}")
-        if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size % 8 \
-                or self.size < 32:
-            raise ConfigError(f"size must be a multiple of 8 and at least 32, got {self.size}")
+        # the upper limit is `from_dict`'s (new configs), not a saved model's
+        problem = size_problem(self.size, max_size=None)
+        if problem:
+            raise ConfigError(f"size {problem}")
         # the working resolution reaches every stage from here
         for name, kind in (("preprocess", PreprocessConfig), ("rgb", RGBConfig), ("xyz", FPFHConfig),
                            ("align", AlignConfig), ("geometry", GeometryConfig),
@@ -184,10 +185,10 @@ class DetectorConfig:
                               f"to values, got {d!r}")
         d = dict(d)
         size = d.get("size", DEFAULT_SIZE)
+        # only the upper limit here: the type and the rest are checked (and named) on build
         if max_size is not None and isinstance(size, int) and not isinstance(size, bool) \
                 and size > max_size:
-            raise ConfigError(f"{where + ': ' if where else ''}size must be a multiple of 8 from "
-                              f"32 to {max_size}, got {size}")
+            raise ConfigError(f"{where + ': ' if where else ''}size {size_problem(size, max_size)}")
         derived = (("preprocess", "size", size), ("rgb", "size", size),
                    ("xyz", "grid", [size // 8, size // 8] if isinstance(size, int) else None))
         for key, sub, value in derived:

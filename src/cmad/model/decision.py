@@ -61,11 +61,13 @@ def defect_mask(amap: np.ndarray, anomalous: bool, pixel_threshold: float) -> np
     return m
 
 
-def check_rate(fpr: float, what: str = "--fpr") -> float:
-    """A false-positive rate in (0, 0.5]; ConfigError otherwise."""
+PIXELS = "normal pixels"  # what a pixel false-positive rate is a share of
+
+
+def check_rate(fpr: float, what: str = "--fpr", of: str = "normal parts") -> float:
+    """A false-positive rate (of `of`) in (0, 0.5]; ConfigError otherwise."""
     if isinstance(fpr, bool) or not isinstance(fpr, (int, float)) or not math.isfinite(fpr) \
             or not 0.0 < float(fpr) <= 0.5:
-        of = "normal pixels" if "pixel" in what else "normal parts"
         raise ConfigError(f"{what} must be a rate in (0, 0.5] (0.01 = 1% of {of}), got {fpr!r}")
     return float(fpr)
 
@@ -206,7 +208,7 @@ class Decision:
                      fpr: float = DEFAULT_FPR, pixel_fpr: float = DEFAULT_PIXEL_FPR,
                      source: str = "validation") -> Decision:
         """Both thresholds from normal parts: image scores (B,), maps and areas (B, S, S)."""
-        fpr, pixel_fpr = check_rate(fpr), check_rate(pixel_fpr, "pixel fpr")
+        fpr, pixel_fpr = check_rate(fpr), check_rate(pixel_fpr, "pixel fpr", PIXELS)
         shift, loc, scale, n = fit_scores_n(scores)
         table = tuple(pixel_quantiles(maps, areas))
         s = np.asarray(scores, dtype=np.float64)
@@ -251,7 +253,7 @@ class Decision:
                                         target_fpr=None))
 
     def with_pixel_fpr(self, fpr: float) -> Decision:
-        fpr = check_rate(fpr, "--pixel-fpr")
+        fpr = check_rate(fpr, "--pixel-fpr", PIXELS)
         if not self.pixel_table:
             raise ConfigError("--pixel-fpr: this model stores no normal pixel quantiles (saved by "
                               "an older cmad); run `cmad calibrate` on normal parts first")
