@@ -18,7 +18,7 @@ TEST_EXTRAS ?= dev,onnx,open3d,ray
 DEMO_DIR ?= demo_out
 BENCH_DIR ?= bench_out
 # the comparison of the README's results table: cmad, its single branches and BTF
-BENCH_METHODS ?= cmad,cmad-plain-banks,cmad-v1,btf,mapping,joint-bank,rgb-bank,geom-bank,xyz-bank,align
+BENCH_METHODS ?= cmad,cmad-scaled-banks,cmad-plain-banks,cmad-v1,btf,mapping,joint-bank,rgb-bank,geom-bank,xyz-bank,align
 BASE_STAMP := $(VENV)/.cmad-base
 TEST_STAMP := $(VENV)/.cmad-test
 

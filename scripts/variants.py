@@ -63,8 +63,7 @@ def main() -> None:
     from cmad.cache import default_cache_dir
     from cmad.configs import DEFAULT_SIZE
     from cmad.data import open_dataset
-    from cmad.evaluate import image_box
-    from cmad.metrics import image_auroc_difference
+    from cmad.metrics import image_auroc_difference, image_box
     from cmad.model.config import DetectorConfig
     from cmad.model.fusion import normalise, robust_stats
     from cmad.pipeline import Detector, pixel_area

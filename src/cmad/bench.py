@@ -46,11 +46,15 @@ log = logging.getLogger(__name__)
 METHODS: dict[str, tuple[dict, str]] = {
     "cmad": ({}, "full method: dense cross-modal mapping (RGB CNN features <-> CNN features of "
                  "the rendered geometry) + light joint RGB+FPFH bank + light RGB bank, equal "
-                 "weights, int4 banks scored over their entries' local scale; the RGB bank counts "
-                 "toward the score, not the map"),
+                 "weights, int4 banks scored over their entries' local scale where it "
+                 "localises defects pasted into the validation normals better; the RGB bank "
+                 "counts toward the score, not the map"),
     "cmad-plain-banks": ({"bank_density": None},
                          "cmad with banks that score the plain nearest distance (PatchCore; "
                          "the default up to round 15)"),
+    "cmad-scaled-banks": ({"bank_density_check": False},
+                          "cmad with every bank scored over its local scale, unchecked (the "
+                          "default of round 16)"),
     "cmad-map-all": ({"map_exclude": ()},
                      "cmad with every branch in the map (as up to round 6)"),
     "cmad-v1": ({"branches": ("align", "joint_bank", "rgb_bank", "xyz_bank"), "weights": "joint",
@@ -68,7 +72,7 @@ METHODS: dict[str, tuple[dict, str]] = {
                     "the mapping alone as up to round 8 (plain squared errors)"),
     "joint-bank": ({"branches": ("joint_bank",)},
                    "light joint RGB+FPFH bank alone (cross-modal co-occurrence), 3.6% coreset, int4, "
-                   "local scale"),
+                   "local scale where it localises pasted defects better"),
     "rgb-bank": ({"branches": ("rgb_bank",)}, "light RGB memory bank alone"),
     "geom-bank": ({"branches": ("geom_bank",)},
                   "light bank of the rendered geometry's CNN features alone (3D only)"),
@@ -260,7 +264,7 @@ def load_category(data: Path, name: str, size: int, seed: int, cache_dir: Path |
     train = det.prepare(train_s, progress)
     val = det.prepare(val_s, progress)
     train_fm, _ = det.features(train, progress, desc=f"{name} train features")
-    per = max((c.calib_per_sample for c in configs if c.weights == "auto"), default=0)
+    per = max((c.calib_per_sample for c in configs if c.pastes_defects), default=0)
     calib = calibration_set(val, seed=seed, per_sample=per,
                             has_rgb="rgb" in modalities, has_xyz="xyz" in modalities)
     calib_fm, _ = det.features(calib, progress, desc=f"{name} validation features", cache=False)
@@ -336,6 +340,8 @@ def run_method(name: str, cd: CategoryData, seed: int, size: int, ext: FeatureEx
         "bank_bytes": det.bank_bytes,
         "peak_rss_mb": mem.peak,
         "weights": det.weights,
+        # bank -> the local scale's check on the pasted defects (`bank_density_check`)
+        "bank_scale": dict(det.report.bank_scale),
         # 1-minute load average as this method's timing started and ended: a load above the
         # CPU count means other work shared the CPUs and every time here is inflated
         "load_average": [None if x is None else x[0] for x in (load_before, load_after)],
@@ -688,6 +694,7 @@ def run_bench(
         res["bank_bytes"] = int(np.mean([r["bank_bytes"] for r in rows]))
         res["peak_rss_mb"] = float(max(r["peak_rss_mb"] for r in rows))
         res["weights"] = {r["category"]: r["weights"] for r in rows}
+        res["bank_scale"] = {r["category"]: r["bank_scale"] for r in rows if r.get("bank_scale")}
         timed = [r["runtime"] for r in rows if "torch_ms" in r.get("runtime", {})]
         if timed:
             res["runtime"] = {k: float(np.mean([t[k] for t in timed]))

@@ -10,7 +10,7 @@ import numpy as np
 
 from cmad.data.io import atomic_folder, recover_folder
 from cmad.errors import OutputError
-from cmad.metrics import compute_metrics, write_category_maps
+from cmad.metrics import compute_metrics, image_box, write_category_maps
 from cmad.model.decision import Decision
 from cmad.types import Prediction
 
@@ -79,15 +79,6 @@ def image_labels(preds: Sequence[Prediction], gts: Sequence[np.ndarray]) -> np.n
         raise ValueError(f"got {len(preds)} predictions but {len(gts)} ground-truth masks")
     return np.array([int(p.label) if p.label is not None else int(np.any(g))
                      for p, g in zip(preds, gts)], dtype=np.int64)
-
-
-def image_box(area: np.ndarray) -> tuple[slice, slice]:
-    """The rows and columns of the rectangle a bool `area` covers."""
-    area = np.asarray(area, dtype=bool)
-    rows, cols = np.flatnonzero(area.any(1)), np.flatnonzero(area.any(0))
-    if rows.size == 0:
-        raise ValueError("an image area covers no pixel")
-    return slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)
 
 
 # the false-positive rate at which `decision_rates` reads the detector's ceiling

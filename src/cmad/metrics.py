@@ -461,6 +461,26 @@ def pro_curve(
     return curves.fpr, curves.pro
 
 
+def image_box(area: np.ndarray) -> tuple[slice, slice]:
+    """The rows and columns of the rectangle a bool `area` covers."""
+    area = np.asarray(area, dtype=bool)
+    rows, cols = np.flatnonzero(area.any(1)), np.flatnonzero(area.any(0))
+    if rows.size == 0:
+        raise ValueError("an image area covers no pixel")
+    return slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)
+
+
+def aupro_inside(gt_masks: Sequence[np.ndarray], maps: Sequence[np.ndarray],
+                 areas: Sequence[np.ndarray], fpr_limit: float = 0.3) -> float:
+    """`aupro` with each map and mask cropped to the rectangle its bool area covers (the
+    padding of a non-square image left out)."""
+    if not len(gt_masks) == len(maps) == len(areas):
+        raise ValueError(f"got {len(gt_masks)} masks, {len(maps)} maps and {len(areas)} areas")
+    boxes = [image_box(a) for a in areas]
+    return aupro([np.asarray(g)[b] for g, b in zip(gt_masks, boxes)],
+                 [np.asarray(m)[b] for m, b in zip(maps, boxes)], fpr_limit)
+
+
 def aupro(
     gt_masks: Sequence[np.ndarray], maps: Sequence[np.ndarray], fpr_limit: float = 0.3
 ) -> float:

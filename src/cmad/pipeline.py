@@ -33,6 +33,7 @@ from cmad.data.preprocess import Preprocessor, to_original
 from cmad.data.splits import select_shots, split_items
 from cmad.errors import ConfigError, DataError, ModelFormatError, OutputError
 from cmad.features import FeatureExtractor, FeatureMaps
+from cmad.metrics import aupro_inside
 from cmad.model.calibrate import calibration_set
 from cmad.model.config import DetectorConfig
 from cmad.model.core import DetectorCore, FitReport, feature_needs
@@ -377,8 +378,9 @@ class Detector:
         return self
 
     def calibration(self, prep_val: Sequence[Prepared], modalities: Sequence[str]) -> list[Prepared]:
-        """Validation normals plus copies with pasted defects (used only for `weights: auto`)."""
-        per = self.config.calib_per_sample if self.config.weights == "auto" else 0
+        """Validation normals plus copies with pasted defects where the config needs them
+        (`DetectorConfig.pastes_defects`)."""
+        per = self.config.calib_per_sample if self.config.pastes_defects else 0
         return calibration_set(list(prep_val), seed=self.config.seed, per_sample=per,
                                has_rgb="rgb" in modalities, has_xyz="xyz" in modalities)
 
@@ -389,7 +391,7 @@ class Detector:
         labels = np.array([p.label for p in calib])
         gt = np.stack([p.gt for p in calib])
         self.report = self.core.fit(train_fm, calib_fm, labels, gt, pixel_area(calib), modalities,
-                                    progress=progress)
+                                    progress=progress, judge=aupro_inside)
         if category is not None:
             self.category = category
         elif calib and not self.category:

@@ -55,6 +55,12 @@ class DetectorConfig:
     # up to round 15). On the tuning seeds 0 and 1, 16 gave cmad +0.011 I-AUROC and +0.005
     # AUPRO@30% (RESULTS.md, round 16). A model saved without the field has null.
     bank_density: int | None = 16
+    # keep a bank's local scale only where it localises the defects pasted into the
+    # validation normals better (AUPRO@30% of the bank's own map) than the plain distance:
+    # on the tuning seeds it wins where it helps the test split; on Eyecandies CandyCane
+    # it cost the joint bank 0.13 AUPRO@30% and is dropped there (RESULTS.md, round 17).
+    # false: keep it always (round 16). Needs pasted defects (`pastes_defects`)
+    bank_density_check: bool = True
     align_float16: bool = True
     align_app: tuple[str, ...] = ("colour",)
     align_geo: tuple[str, ...] = ("xyz", "context")
@@ -124,6 +130,9 @@ class DetectorConfig:
                                               or self.bank_density < 1):
             raise ConfigError(f"bank_density must be an integer >= 1 or null, got "
                               f"{self.bank_density!r}")
+        if not isinstance(self.bank_density_check, bool):
+            raise ConfigError(f"bank_density_check must be true or false, got "
+                              f"{self.bank_density_check!r}")
         if self.bank_pca is not None and self.bank_pca < 1:
             raise ConfigError(f"bank_pca must be >= 1 or null, got {self.bank_pca}")
         if self.bank_dtype not in BANK_DTYPES:
@@ -169,6 +178,13 @@ class DetectorConfig:
             if any(v < 0 for v in self.weights.values()):
                 raise ConfigError(f"weights must be >= 0, got {self.weights}")
 
+    @property
+    def pastes_defects(self) -> bool:
+        """Whether fitting needs copies of the validation normals with pasted defects
+        (`cmad.model.calibrate`): for `weights: auto` and for `bank_density_check`."""
+        return self.weights == "auto" or (self.bank_density is not None
+                                          and self.bank_density_check)
+
     def to_dict(self) -> dict[str, Any]:
         # the rgb part as `RGBConfig.to_dict` writes it (float32, the default precision, not
         # written: configs saved before rgb precision existed and now are the same)
@@ -204,11 +220,14 @@ class DetectorConfig:
     def from_saved(cls, d: Any, where: str | None = None) -> DetectorConfig:
         """A saved model's config: as `from_dict`, except that a model saved before
         `map_exclude` existed keeps every branch in its map, and one saved before
-        `bank_density` its plain bank distances, as it was fitted."""
+        `bank_density` its plain bank distances, and one saved before `bank_density_check`
+        says that its banks kept their local scale unchecked, as it was fitted."""
         if isinstance(d, Mapping) and "map_exclude" not in d:
             d = {**d, "map_exclude": []}
         if isinstance(d, Mapping) and "bank_density" not in d:
             d = {**d, "bank_density": None}
+        if isinstance(d, Mapping) and "bank_density_check" not in d:
+            d = {**d, "bank_density_check": False}
         return cls.from_dict(d, where, max_size=None)
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> DetectorConfig:

@@ -9,7 +9,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 
 THREE_D_DEFAULT = ("geom_bank",)
+# judge(gt, maps, area) -> how well (B, S, S) maps localise the gt (B, S, S) inside area
+Judge = Callable[[np.ndarray, np.ndarray, np.ndarray], float]
 
 
 def active_branches(branches: Sequence[str], modalities: Sequence[str],
@@ -78,6 +80,8 @@ class FitReport:
     n_val: int = 0
     fit_s: float = 0.0
     bank_entries: dict[str, int] = field(default_factory=dict)
+    # bank -> {"scaled": criterion, "plain": criterion, "kept": bool} (`bank_density_check`)
+    bank_scale: dict[str, dict[str, Any]] = field(default_factory=dict)
     weights: dict[str, float] = field(default_factory=dict)
     single_branch_criterion: dict[str, float] = field(default_factory=dict)
     branch_info: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -143,10 +147,14 @@ class DetectorCore:
 
     # ---------------------------------------------------------------- fitting
     def fit(self, train: FeatureMaps, calib: FeatureMaps, labels: np.ndarray, gt: np.ndarray,
-            area: np.ndarray, modalities: Sequence[str], progress: bool = False) -> FitReport:
+            area: np.ndarray, modalities: Sequence[str], progress: bool = False,
+            judge: Judge | None = None) -> FitReport:
         """Fit every branch on `train` (normal patches), then normalise and fuse on `calib`:
-        validation normals (label 0) and, for `weights: auto`, copies with pasted defects
-        (label 1, `gt` their (B, S, S) masks). `area`: (B, S, S) pixels inside each image."""
+        validation normals (label 0) and, where the config pastes defects, copies with
+        pasted defects (label 1, `gt` their (B, S, S) masks). `area`: (B, S, S) pixels
+        inside each image. `judge(gt, maps, area)`: how well (B, S, S) pixel maps localise
+        the pasted defects (higher is better), for `bank_density_check`; without it, or
+        without pasted defects, every bank keeps its local scale."""
         cfg = self.config
         report = FitReport()
         self._build(modalities)
@@ -161,7 +169,10 @@ class DetectorCore:
                 "background removal keeps the part (preprocess.plane_threshold), and the FPFH "
                 "radii (xyz.feature_radius) for this scale.")
         self._fit_branches(train, val, report, progress)
-        raw, _ = self.branch_scores(calib)
+        known: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        if cfg.bank_density_check and judge is not None and not bool(normal.all()):
+            report.bank_scale, known = self._check_local_scales(calib, normal, gt, area, judge)
+        raw, _ = self.branch_scores(calib, known)
         self.norm = {n: robust_stats(s[normal], v[normal]) for n, (s, v) in raw.items()}
         maps = {n: normalise(s, v, *self.norm[n]) for n, (s, v) in raw.items()}
         names = self.names
@@ -184,6 +195,35 @@ class DetectorCore:
                                               pixel_fpr=cfg.pixel_fpr)
         report.bank_entries = {b.name: b.bank_entries for b in self.branches if b.bank_entries}
         return report
+
+    def _check_local_scales(self, calib: FeatureMaps, normal: torch.Tensor, gt: np.ndarray,
+                            area: np.ndarray, judge: Judge
+                            ) -> tuple[dict[str, dict[str, Any]],
+                                       dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+        """Keep each bank's local scale only where its own map, normalised on the
+        validation normals, localises the pasted defects better with it than with the
+        plain distance (`judge`; a tie drops it: plain is simpler and searches faster).
+        Returns what was measured per bank and the raw `calib` scores of what was kept."""
+        cfg = self.config
+        out: dict[str, dict[str, Any]] = {}
+        kept: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for b in self.branches:
+            scale = getattr(b, "local_scale", None)
+            if scale is None:
+                continue
+            got, raws = {}, {}
+            for name, s in (("scaled", scale), ("plain", None)):
+                b.set_local_scale(s)
+                raw, valid = raws[name] = b.score(calib)[:2]
+                m = normalise(raw, valid, *robust_stats(raw[normal], valid[normal]))
+                got[name] = float(judge(gt, upsample(m, cfg.size, cfg.sigma), area))
+            keep = got["scaled"] > got["plain"]
+            b.set_local_scale(scale if keep else None)
+            kept[b.name] = raws["scaled" if keep else "plain"]
+            out[b.name] = {**got, "kept": keep}
+            log.info("%s: local scale %s (AUPRO@30%% on pasted defects %.4f with it, %.4f "
+                     "without)", b.name, "kept" if keep else "dropped", got["scaled"], got["plain"])
+        return out, kept
 
     def _fit_branches(self, train: FeatureMaps, val: FeatureMaps, report: FitReport,
                       progress: bool) -> None:
@@ -241,14 +281,19 @@ class DetectorCore:
             report.branch_info[b.name] = dict(b.info)
 
     # ---------------------------------------------------------------- scoring
-    def branch_scores(self, fm: FeatureMaps
+    def branch_scores(self, fm: FeatureMaps,
+                      known: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
                       ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, float]]:
         """Raw (B, h, w) patch scores and validity of each branch (and of a branch's
-        localisation map, under its name + LOC), and ms per sample by stage."""
+        localisation map, under its name + LOC), and ms per sample by stage. `known`: the
+        scores of some branches (without a localisation map) on `fm`, already computed."""
         out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         ms: dict[str, float] = {}
         n = max(len(fm), 1)
         for b in self.branches:
+            if known and b.name in known and not b.gives_map:
+                out[b.name] = known[b.name]
+                continue
             t = time.perf_counter()
             res = b.score(fm)
             if (len(res) > 2) != b.gives_map:

@@ -81,6 +81,23 @@ class BankBranch(Branch):
         self.bank.load_state_dict(tensors)
 
     @property
+    def local_scale(self) -> torch.Tensor | None:
+        """(K,) the entries' local scales, or None where the bank scores plain distances."""
+        return None if self.bank is None else self.bank.stored.get("scale")
+
+    def set_local_scale(self, scale: torch.Tensor | None) -> None:
+        """Score over `scale` (one per entry), or plain distances with None."""
+        if self.bank is None:
+            raise RuntimeError(f"{self.name}: not fitted")
+        if scale is None:
+            self.bank.stored.pop("scale", None)
+        elif scale.shape != (self.bank.entries,):
+            raise ValueError(f"{self.name}: {tuple(scale.shape)} scales for "
+                             f"{self.bank.entries} entries")
+        else:
+            self.bank.stored["scale"] = scale
+
+    @property
     def bank_entries(self) -> int:
         return 0 if self.bank is None else self.bank.entries
 
