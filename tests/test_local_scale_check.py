@@ -58,6 +58,23 @@ def test_the_judge_decides_and_the_saved_model_keeps_the_decision(tiny_root, tmp
                        [p.score for p in back.predict(test, branch_maps=False)])
 
 
+@pytest.mark.parametrize("kept", [True, False])
+def test_a_checked_model_scores_as_the_unchecked_or_the_plain_one(tiny_root, monkeypatch, kept):
+    """Kept: the same model as `bank_density_check: false`; dropped: as `bank_density:
+    null` (same coresets, same normalisation on the same normals), scores and maps alike."""
+    judge, _ = _judge((0.9, 0.1, 0.9, 0.1) if kept else (0.1, 0.9, 0.1, 0.9))
+    monkeypatch.setattr("cmad.pipeline.aupro_inside", judge)
+    cat = _category(tiny_root)
+    checked = Detector(_config()).fit(cat, progress=False)
+    other = Detector(_config(**({"bank_density_check": False} if kept else {"bank_density": None}))
+                     ).fit(cat, progress=False)
+    assert checked.core.norm == other.core.norm
+    test = cat.samples("test")[:4]
+    a, b = checked.predict(test, branch_maps=False), other.predict(test, branch_maps=False)
+    assert [p.score for p in a] == [p.score for p in b]
+    assert all(np.array_equal(p.anomaly_map, q.anomaly_map) for p, q in zip(a, b))
+
+
 def test_the_real_judge_keeps_the_better_localising_variant(tiny_root):
     det = Detector(_config()).fit(_category(tiny_root), progress=False)
     for b in det.core.branches:
@@ -72,7 +89,8 @@ def test_unchecked_and_plain_banks_paste_nothing_and_measure_nothing(tiny_root, 
         raise AssertionError("the judge was asked")
     monkeypatch.setattr("cmad.pipeline.aupro_inside", never)
     cat = _category(tiny_root)
-    unchecked = Detector(_config(bank_density_check=False)).fit(cat, progress=False)
+    # with weights: auto the defects are pasted, but an unchecked model does not judge
+    unchecked = Detector(_config(bank_density_check=False, weights="auto")).fit(cat, progress=False)
     assert unchecked.report.bank_scale == {}
     assert all(b.local_scale is not None for b in unchecked.core.branches)
     plain = Detector(_config(bank_density=None)).fit(cat, progress=False)
@@ -84,6 +102,15 @@ def test_unchecked_and_plain_banks_paste_nothing_and_measure_nothing(tiny_root, 
     assert not _config(bank_density=None).pastes_defects
     assert _config(bank_density=None, weights="auto").pastes_defects
     assert not _config(bank_density_check=False).pastes_defects
+
+
+def test_no_pasted_defect_keeps_the_scale_with_a_warning(tiny_root, monkeypatch, caplog):
+    def never(*a):  # noqa: ANN002, ANN202
+        raise AssertionError("the judge was asked")
+    monkeypatch.setattr("cmad.pipeline.aupro_inside", never)
+    det = Detector(_config(calib_per_sample=0)).fit(_category(tiny_root), progress=False)
+    assert all(b.local_scale is not None for b in det.core.branches)
+    assert "no pasted defects" in caplog.text
 
 
 def test_a_saved_config_without_the_field_was_fitted_unchecked():

@@ -1,4 +1,5 @@
-"""Synthetic defects pasted into normal validation samples, to choose fusion weights.
+"""Synthetic defects pasted into normal validation samples: to choose fusion weights
+(`weights: auto`) and to check each bank's local scale (`bank_density_check`).
 
 No test data is used: the fusion sees only validation normals, some of them altered here
 with the kinds of change real defects make:

@@ -57,8 +57,9 @@ class DetectorConfig:
     bank_density: int | None = 16
     # keep a bank's local scale only where it localises the defects pasted into the
     # validation normals better (AUPRO@30% of the bank's own map) than the plain distance:
-    # on the tuning seeds it wins where it helps the test split; on Eyecandies CandyCane
-    # it cost the joint bank 0.13 AUPRO@30% and is dropped there (RESULTS.md, round 17).
+    # for the joint bank the pasted defects gave the sign of the test split's change in 8
+    # of 11 tuning categories; on Eyecandies CandyCane the scale cost the joint bank 0.13
+    # AUPRO@30% and is dropped there (RESULTS.md, round 17).
     # false: keep it always (round 16). Needs pasted defects (`pastes_defects`)
     bank_density_check: bool = True
     align_float16: bool = True

@@ -170,8 +170,15 @@ class DetectorCore:
                 "radii (xyz.feature_radius) for this scale.")
         self._fit_branches(train, val, report, progress)
         known: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        if cfg.bank_density_check and judge is not None and not bool(normal.all()):
-            report.bank_scale, known = self._check_local_scales(calib, normal, gt, area, judge)
+        if cfg.bank_density_check and judge is not None:
+            if bool(normal.all()):
+                if any(getattr(b, "local_scale", None) is not None for b in self.branches):
+                    log.warning("no pasted defects to check the banks' local scale on "
+                                "(calib_per_sample %d): every bank keeps it unchecked",
+                                cfg.calib_per_sample)
+            else:
+                report.bank_scale, known = self._check_local_scales(calib, normal, gt, area,
+                                                                    judge)
         raw, _ = self.branch_scores(calib, known)
         self.norm = {n: robust_stats(s[normal], v[normal]) for n, (s, v) in raw.items()}
         maps = {n: normalise(s, v, *self.norm[n]) for n, (s, v) in raw.items()}
