@@ -79,10 +79,10 @@ def test_choose_weights_prefers_the_branch_that_sees_the_defects():
 def test_rank_auc_equals_sklearn_with_ties():
     from sklearn.metrics import roc_auc_score
 
-    from cmad.model.fusion import _auc
+    from cmad.model.fusion import rank_auc
 
     rng = np.random.default_rng(3)
     y = rng.integers(0, 2, 500)
     s = np.round(rng.normal(size=500) + 0.7 * y, 1)  # many ties
-    assert _auc(y, s) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
-    assert _auc(np.zeros(5), np.arange(5.0)) == 0.5
+    assert rank_auc(y, s) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+    assert rank_auc(np.zeros(5), np.arange(5.0)) == 0.5

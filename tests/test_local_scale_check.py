@@ -15,7 +15,9 @@ BANKS = ("rgb_bank", "joint_bank")
 
 
 def _config(**kw) -> DetectorConfig:  # noqa: ANN003
-    return DetectorConfig(size=64, branches=BANKS, bank_min_entries=16, **kw)
+    """Both banks in the map (so both are judged on their maps), unless told otherwise."""
+    return DetectorConfig(size=64, bank_min_entries=16,
+                          **{"branches": BANKS, "map_exclude": (), **kw})
 
 
 def _category(root):  # noqa: ANN001, ANN202
@@ -73,6 +75,24 @@ def test_a_checked_model_scores_as_the_unchecked_or_the_plain_one(tiny_root, mon
     a, b = checked.predict(test, branch_maps=False), other.predict(test, branch_maps=False)
     assert [p.score for p in a] == [p.score for p in b]
     assert all(np.array_equal(p.anomaly_map, q.anomaly_map) for p, q in zip(a, b))
+
+
+def test_a_bank_out_of_the_map_is_judged_by_its_image_auroc(tiny_root, monkeypatch):
+    judge, calls = _judge((0.9, 0.1))
+    monkeypatch.setattr("cmad.pipeline.aupro_inside", judge)
+    det = Detector(_config(map_exclude=("rgb_bank",))).fit(_category(tiny_root), progress=False)
+    assert len(calls) == 2   # the joint bank's map only
+    info = det.report.bank_scale
+    assert info["joint_bank"]["criterion"] == "AUPRO@30%" and info["joint_bank"]["kept"]
+    rgb = info["rgb_bank"]
+    assert rgb["criterion"] == "image AUROC" and 0.0 <= rgb["plain"] <= 1.0
+    assert rgb["kept"] == (rgb["scaled"] > rgb["plain"])
+    # a bank alone is its own map: judged on it even when listed in map_exclude
+    judge2, calls2 = _judge((0.1, 0.9))
+    monkeypatch.setattr("cmad.pipeline.aupro_inside", judge2)
+    alone = Detector(_config(branches=("rgb_bank",), map_exclude=("rgb_bank",))
+                     ).fit(_category(tiny_root), progress=False)
+    assert len(calls2) == 2 and alone.report.bank_scale["rgb_bank"]["criterion"] == "AUPRO@30%"
 
 
 def test_the_real_judge_keeps_the_better_localising_variant(tiny_root):

@@ -328,10 +328,10 @@ def fit(
                f"{', '.join(f'{k} {v:,}' for k, v in r.bank_entries.items()) or 'none'}; "
                f"model {det.model_bytes / 1e6:.2f} MB -> {out}")
     if r.bank_scale:
-        typer.echo("local scale (AUPRO@30% on the defects pasted into the validation normals, "
-                   "with it / plain): " + "; ".join(
-                       f"{k} {'kept' if v['kept'] else 'dropped'} ({v['scaled']:.3f} / "
-                       f"{v['plain']:.3f})" for k, v in r.bank_scale.items()))
+        typer.echo("local scale (on the defects pasted into the validation normals, with it / "
+                   "plain): " + "; ".join(
+                       f"{k} {'kept' if v['kept'] else 'dropped'} ({v['criterion']} "
+                       f"{v['scaled']:.3f} / {v['plain']:.3f})" for k, v in r.bank_scale.items()))
     d = det.decision
     typer.echo(f"threshold {d.threshold:.3f} for a {100 * d.target_fpr:.3g}% false-positive rate "
                f"(from {d.n_normals} validation normals, highest {d.normal_max:.3f}); pixel "

@@ -56,7 +56,9 @@ class DetectorConfig:
     # AUPRO@30% (RESULTS.md, round 16). A model saved without the field has null.
     bank_density: int | None = 16
     # keep a bank's local scale only where it localises the defects pasted into the
-    # validation normals better (AUPRO@30% of the bank's own map) than the plain distance:
+    # validation normals better (AUPRO@30% of the bank's own map; for a bank left out of
+    # the map, the image AUROC of the pasted copies against the normals) than the plain
+    # distance:
     # for the joint bank the pasted defects gave the sign of the test split's change in 8
     # of 11 tuning categories; on Eyecandies CandyCane the scale cost the joint bank 0.13
     # AUPRO@30% and is dropped there (RESULTS.md, round 17).

@@ -29,6 +29,7 @@ from cmad.model.fusion import (
     combine,
     image_scores,
     normalise,
+    rank_auc,
     robust_stats,
     upsample,
 )
@@ -80,7 +81,8 @@ class FitReport:
     n_val: int = 0
     fit_s: float = 0.0
     bank_entries: dict[str, int] = field(default_factory=dict)
-    # bank -> {"scaled": criterion, "plain": criterion, "kept": bool} (`bank_density_check`)
+    # bank -> {"scaled": value, "plain": value, "kept": bool, "criterion": "AUPRO@30%" or
+    # "image AUROC"} (`bank_density_check`)
     bank_scale: dict[str, dict[str, Any]] = field(default_factory=dict)
     weights: dict[str, float] = field(default_factory=dict)
     single_branch_criterion: dict[str, float] = field(default_factory=dict)
@@ -208,10 +210,16 @@ class DetectorCore:
                             ) -> tuple[dict[str, dict[str, Any]],
                                        dict[str, tuple[torch.Tensor, torch.Tensor]]]:
         """Keep each bank's local scale only where its own map, normalised on the
-        validation normals, localises the pasted defects better with it than with the
-        plain distance (`judge`; a tie drops it: plain is simpler and searches faster).
-        Returns what was measured per bank and the raw `calib` scores of what was kept."""
+        validation normals, does better with it than with the plain distance (a tie drops
+        it: plain is simpler and searches faster): localises the pasted defects better
+        (`judge`), or, for a bank left out of the map (`map_exclude`, which counts toward
+        the image score only), ranks the pasted copies above the normals better (image
+        AUROC of its maximum over the image). Returns what was measured per bank and the
+        raw `calib` scores of what was kept."""
         cfg = self.config
+        labels = (~normal).numpy()
+        # out of the map: excluded while some other branch is in it (`map_weights`)
+        out_of_map = {n for n in cfg.map_exclude if any(m not in cfg.map_exclude for m in self.names)}
         out: dict[str, dict[str, Any]] = {}
         kept: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for b in self.branches:
@@ -223,13 +231,16 @@ class DetectorCore:
                 b.set_local_scale(s)
                 raw, valid = raws[name] = b.score(calib)[:2]
                 m = normalise(raw, valid, *robust_stats(raw[normal], valid[normal]))
-                got[name] = float(judge(gt, upsample(m, cfg.size, cfg.sigma), area))
+                pix = upsample(m, cfg.size, cfg.sigma)
+                got[name] = (rank_auc(labels, image_scores(pix, area, cfg.score_mode, cfg.topk))
+                             if b.name in out_of_map else float(judge(gt, pix, area)))
             keep = got["scaled"] > got["plain"]
             b.set_local_scale(scale if keep else None)
             kept[b.name] = raws["scaled" if keep else "plain"]
-            out[b.name] = {**got, "kept": keep}
-            log.info("%s: local scale %s (AUPRO@30%% on pasted defects %.4f with it, %.4f "
-                     "without)", b.name, "kept" if keep else "dropped", got["scaled"], got["plain"])
+            what = "image AUROC" if b.name in out_of_map else "AUPRO@30%"
+            out[b.name] = {**got, "kept": keep, "criterion": what}
+            log.info("%s: local scale %s (%s on pasted defects %.4f with it, %.4f without)",
+                     b.name, "kept" if keep else "dropped", what, got["scaled"], got["plain"])
         return out, kept
 
     def _fit_branches(self, train: FeatureMaps, val: FeatureMaps, report: FitReport,

@@ -121,7 +121,7 @@ def image_scores(pixel_maps: np.ndarray, area: np.ndarray, mode: str = "max", to
     return out
 
 
-def _auc(y: np.ndarray, s: np.ndarray) -> float:
+def rank_auc(y: np.ndarray, s: np.ndarray) -> float:
     """ROC AUC as the Mann-Whitney statistic with mid-ranks (equal to the trapezoidal ROC
     area, ties included), without scikit-learn's per-call validation: the weight search calls
     it hundreds of times."""
@@ -155,7 +155,7 @@ def choose_weights(
     def criterion(fused: torch.Tensor) -> float:
         masked = torch.where(a, fused, torch.full_like(fused, -1e9))
         img = masked.flatten(1).max(1).values.numpy()
-        return 0.5 * _auc(labels, img) + 0.5 * _auc(y_pix, fused[a].numpy())
+        return 0.5 * rank_auc(labels, img) + 0.5 * rank_auc(y_pix, fused[a].numpy())
 
     single = {n: criterion(maps[n]) for n in names}
     combos = [tuple(1.0 for _ in names)]
