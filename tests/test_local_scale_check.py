@@ -1,5 +1,6 @@
 """`bank_density_check`: a bank keeps its local scale only where its map localises the
-defects pasted into the validation normals better with it than with the plain distance."""
+defects pasted into the validation normals better with it than with the plain distance
+(a bank left out of the map: where its image scores rank the pasted copies better)."""
 from __future__ import annotations
 
 import numpy as np

@@ -46,8 +46,8 @@ log = logging.getLogger(__name__)
 METHODS: dict[str, tuple[dict, str]] = {
     "cmad": ({}, "full method: dense cross-modal mapping (RGB CNN features <-> CNN features of "
                  "the rendered geometry) + light joint RGB+FPFH bank + light RGB bank, equal "
-                 "weights, int4 banks scored over their entries' local scale where it "
-                 "localises defects pasted into the validation normals better; the RGB bank "
+                 "weights, int4 banks scored over their entries' local scale where it does "
+                 "better on defects pasted into the validation normals; the RGB bank "
                  "counts toward the score, not the map"),
     "cmad-plain-banks": ({"bank_density": None},
                          "cmad with banks that score the plain nearest distance (PatchCore; "

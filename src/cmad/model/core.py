@@ -214,8 +214,10 @@ class DetectorCore:
         it: plain is simpler and searches faster): localises the pasted defects better
         (`judge`), or, for a bank left out of the map (`map_exclude`, which counts toward
         the image score only), ranks the pasted copies above the normals better (image
-        AUROC of its maximum over the image). Returns what was measured per bank and the
-        raw `calib` scores of what was kept."""
+        AUROC of its image score, `score_mode`). Returns what was measured per bank and the
+        raw `calib` scores of what was kept. Out of the map is read from the names: with
+        weights that leave every other branch at 0 the bank would be in the map after all
+        (`map_weights`), though judged as out of it."""
         cfg = self.config
         labels = (~normal).numpy()
         # out of the map: excluded while some other branch is in it (`map_weights`)
