@@ -10,7 +10,7 @@ import numpy as np
 
 from cmad.data.io import atomic_folder, recover_folder
 from cmad.errors import OutputError
-from cmad.metrics import compute_metrics, image_box, write_category_maps
+from cmad.metrics import compute_metrics, crop_to_images, write_category_maps
 from cmad.model.decision import Decision
 from cmad.types import Prediction
 
@@ -55,9 +55,7 @@ def evaluate_predictions(
     if areas is not None:
         if len(areas) != len(preds):
             raise ValueError(f"got {len(areas)} image areas for {len(preds)} predictions")
-        boxes = [image_box(a) for a in areas]
-        maps = [m[b] for m, b in zip(maps, boxes)]
-        gts = [np.asarray(g)[b] for g, b in zip(gts, boxes)]
+        gts, maps = crop_to_images(gts, maps, areas)
     labels = image_labels(preds, gts)
     scores = np.array([p.score for p in preds])
     metrics = compute_metrics(labels, scores, gts, maps)

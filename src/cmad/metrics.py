@@ -470,15 +470,21 @@ def image_box(area: np.ndarray) -> tuple[slice, slice]:
     return slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)
 
 
-def aupro_inside(gt_masks: Sequence[np.ndarray], maps: Sequence[np.ndarray],
-                 areas: Sequence[np.ndarray], fpr_limit: float = 0.3) -> float:
-    """`aupro` with each map and mask cropped to the rectangle its bool area covers (the
-    padding of a non-square image left out)."""
+def crop_to_images(gt_masks: Sequence[np.ndarray], maps: Sequence[np.ndarray],
+                   areas: Sequence[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Each mask and map cropped to the rectangle its bool area covers (the padding of a
+    non-square image left out)."""
     if not len(gt_masks) == len(maps) == len(areas):
         raise ValueError(f"got {len(gt_masks)} masks, {len(maps)} maps and {len(areas)} areas")
     boxes = [image_box(a) for a in areas]
-    return aupro([np.asarray(g)[b] for g, b in zip(gt_masks, boxes)],
-                 [np.asarray(m)[b] for m, b in zip(maps, boxes)], fpr_limit)
+    return ([np.asarray(g)[b] for g, b in zip(gt_masks, boxes)],
+            [np.asarray(m)[b] for m, b in zip(maps, boxes)])
+
+
+def aupro_inside(gt_masks: Sequence[np.ndarray], maps: Sequence[np.ndarray],
+                 areas: Sequence[np.ndarray], fpr_limit: float = 0.3) -> float:
+    """`aupro` of the masks and maps cropped to their images (`crop_to_images`)."""
+    return aupro(*crop_to_images(gt_masks, maps, areas), fpr_limit)
 
 
 def aupro(

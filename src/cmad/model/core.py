@@ -220,14 +220,16 @@ class DetectorCore:
         (`map_weights`), though judged as out of it."""
         cfg = self.config
         labels = (~normal).numpy()
-        # out of the map: excluded while some other branch is in it (`map_weights`)
-        out_of_map = {n for n in cfg.map_exclude if any(m not in cfg.map_exclude for m in self.names)}
+        # the branches the map leaves out (weights not chosen yet: as if all equal)
+        in_map = map_weights(dict.fromkeys(self.names, 1.0), cfg.map_exclude)
+        out_of_map = set() if in_map is None else set(self.names) - set(in_map)
         out: dict[str, dict[str, Any]] = {}
         kept: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for b in self.branches:
             scale = getattr(b, "local_scale", None)
             if scale is None:
                 continue
+            by_image = b.name in out_of_map
             got, raws = {}, {}
             for name, s in (("scaled", scale), ("plain", None)):
                 b.set_local_scale(s)
@@ -235,11 +237,11 @@ class DetectorCore:
                 m = normalise(raw, valid, *robust_stats(raw[normal], valid[normal]))
                 pix = upsample(m, cfg.size, cfg.sigma)
                 got[name] = (rank_auc(labels, image_scores(pix, area, cfg.score_mode, cfg.topk))
-                             if b.name in out_of_map else float(judge(gt, pix, area)))
+                             if by_image else float(judge(gt, pix, area)))
             keep = got["scaled"] > got["plain"]
             b.set_local_scale(scale if keep else None)
             kept[b.name] = raws["scaled" if keep else "plain"]
-            what = "image AUROC" if b.name in out_of_map else "AUPRO@30%"
+            what = "image AUROC" if by_image else "AUPRO@30%"
             out[b.name] = {**got, "kept": keep, "criterion": what}
             log.info("%s: local scale %s (%s on pasted defects %.4f with it, %.4f without)",
                      b.name, "kept" if keep else "dropped", what, got["scaled"], got["plain"])
